@@ -1,0 +1,85 @@
+"""One exception hierarchy for vdifs, and the errno each class means.
+
+Every error a user can meet is a :class:`VdifsError`.  The FUSE adapter maps
+them to ``FUSEError(exc.errno)`` in one place; the CLI prints ``str(exc)`` on
+one line and exits with ``exc.exit_code``.  Anything that is not a
+``VdifsError`` is a bug: the FUSE adapter logs it with its traceback and
+answers EIO, so one bad request never kills the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class VdifsError(Exception):
+    """Base class: a failure the user can understand and act on."""
+
+    errno: int = errno.EIO
+    exit_code: int = 1
+
+
+class NotFound(VdifsError):
+    errno = errno.ENOENT
+    exit_code = 3
+
+
+class AlreadyExists(VdifsError):
+    errno = errno.EEXIST
+    exit_code = 4
+
+
+class ReadOnly(VdifsError):
+    """Writing to a snapshot, or to a read-only mount."""
+
+    errno = errno.EROFS
+    exit_code = 5
+
+
+class Busy(VdifsError):
+    errno = errno.EBUSY
+    exit_code = 6
+
+
+class InvalidArgument(VdifsError):
+    """A malformed request: a bad size, name or option."""
+
+    errno = errno.EINVAL
+    exit_code = 2
+
+
+class MalformedImage(InvalidArgument):
+    """An uploaded image does not follow its format: truncated, corrupt, hostile."""
+
+
+class TooLarge(VdifsError):
+    """Beyond a format's limits or beyond the target disk."""
+
+    errno = errno.EFBIG
+    exit_code = 7
+
+
+class Unsupported(VdifsError):
+    """A valid image that uses a feature vdifs cannot apply safely."""
+
+    errno = errno.EOPNOTSUPP
+    exit_code = 8
+
+
+class NoSpace(VdifsError):
+    errno = errno.ENOSPC
+    exit_code = 9
+
+
+class WrongBase(VdifsError):
+    """A delta whose parent is not what the target holds."""
+
+    errno = errno.EINVAL
+    exit_code = 10
+
+
+class StorageError(VdifsError):
+    """The SR itself is damaged or unreadable (a missing block object)."""
+
+    errno = errno.EIO
+    exit_code = 11
