@@ -130,9 +130,7 @@ def render(layout: Layout, offset: int, length: int, read_virtual: ReadVirtual) 
     return bytes(out)
 
 
-def masked_reader(
-    allocation: Allocation, read_virtual: ReadVirtual
-) -> ReadVirtual:
+def masked_reader(allocation: Allocation, read_virtual: ReadVirtual) -> ReadVirtual:
     """A reader that returns zeros outside carried chunks (for tests)."""
     carried = {
         (block << 5) | c

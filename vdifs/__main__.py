@@ -1,0 +1,5 @@
+import sys
+
+from vdifs.cli import main
+
+sys.exit(main())

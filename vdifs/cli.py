@@ -1,0 +1,339 @@
+"""The ``vdifs`` command line.
+
+Every command prints its result on stdout (a uuid alone, or JSON with
+``--json``) and any error as one line on stderr, with the exit status of the
+error's class (listed in ``vdifs --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from vdifs import __version__
+from vdifs.errors import InvalidArgument, NotFound, VdifsError
+from vdifs.storage.local import LocalSR, VdiRecord, default_sr_path, parse_size
+
+log = logging.getLogger("vdifs")
+
+EXIT_CODES = """\
+exit status:
+  0  success
+  1  unexpected error (a bug: run with --debug and report it)
+  2  invalid argument or usage
+  3  not found
+  4  already exists
+  5  read-only (a snapshot, or a read-only mount)
+  6  busy (already mounted, an import in progress)
+  7  too large (beyond a format's or the disk's limits)
+  8  unsupported image feature
+  9  no space left in the SR
+ 10  a delta does not apply onto the target's content
+ 11  the SR is damaged (a missing block object)
+"""
+
+
+def resolve_vdi(sr: LocalSR, key: str) -> VdiRecord:
+    """A VDI by uuid, or by name when exactly one VDI has that name."""
+    try:
+        return sr.get_vdi(key)
+    except NotFound:
+        pass
+    matches = [r for r in sr.list_vdis() if r.name_label == key]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise NotFound(f"no VDI with uuid or name {key!r}")
+    raise InvalidArgument(
+        f"name {key!r} is ambiguous ({len(matches)} VDIs): use a uuid: "
+        + ", ".join(r.uuid for r in matches)
+    )
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent elsewhere."""
+
+    def __init__(self, total: int, stream: IO[str]) -> None:
+        self.total = max(total, 1)
+        self.stream = stream
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2 and done < self.total:
+            return
+        self.last = now
+        frac = done / self.total
+        rate = done / max(now - self.start, 1e-6)
+        bar = "#" * int(frac * 30)
+        self.stream.write(f"\r[{bar:<30}] {frac:6.1%} {_human(done)} {_human(int(rate))}/s ")
+        if done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def cmd_vdi_create(sr: LocalSR, args: argparse.Namespace) -> None:
+    record = sr.create_vdi(args.name, parse_size(args.size), args.description)
+    print(record.uuid)
+
+
+def cmd_vdi_list(sr: LocalSR, args: argparse.Namespace) -> None:
+    records = sr.list_vdis()
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+        return
+    print(f"{'UUID':36}  {'SIZE':>10}  {'USED':>10}  {'SNAP':4}  NAME")
+    for r in records:
+        print(
+            f"{r.uuid:36}  {_human(r.virtual_size):>10}  {_human(r.physical_utilisation):>10}"
+            f"  {'yes' if r.is_a_snapshot else '':4}  {r.name_label}"
+        )
+
+
+def cmd_vdi_show(sr: LocalSR, args: argparse.Namespace) -> None:
+    print(json.dumps(resolve_vdi(sr, args.vdi).to_json(), indent=2))
+
+
+def cmd_vdi_snapshot(sr: LocalSR, args: argparse.Namespace) -> None:
+    print(sr.snapshot(resolve_vdi(sr, args.vdi).uuid, args.name).uuid)
+
+
+def cmd_vdi_clone(sr: LocalSR, args: argparse.Namespace) -> None:
+    print(sr.clone(resolve_vdi(sr, args.vdi).uuid, args.name).uuid)
+
+
+def cmd_vdi_destroy(sr: LocalSR, args: argparse.Namespace) -> None:
+    sr.destroy(resolve_vdi(sr, args.vdi).uuid)
+
+
+def cmd_vdi_rename(sr: LocalSR, args: argparse.Namespace) -> None:
+    sr.set_name(resolve_vdi(sr, args.vdi).uuid, args.name)
+
+
+def cmd_export(sr: LocalSR, args: argparse.Namespace) -> None:
+    from vdifs.exports import DiskState, Export
+
+    record, block_map = sr.snapshot_state(resolve_vdi(sr, args.vdi).uuid)
+    base = None
+    if args.base:
+        base_record, base_map = sr.snapshot_state(resolve_vdi(sr, args.base).uuid)
+        base = DiskState(base_record, base_map)
+    export = Export(sr, DiskState(record, block_map), args.format, base)
+    progress: Callable[[int], None] | None = None
+    if args.progress and sys.stderr.isatty():
+        progress = Progress(export.size, sys.stderr)
+    if args.file == "-":
+        out = sys.stdout.buffer
+        export.copy_to(out.write, progress)
+        out.flush()
+        return
+    target = Path(args.file)
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            export.copy_to(f.write, progress)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def cmd_mount(sr: LocalSR | None, args: argparse.Namespace) -> None:
+    from vdifs.fs import mount
+
+    if args.foreground:
+        options = mount.parse_options(args.options)
+        mount.serve_foreground(args.sr, Path(args.mountpoint), options)
+    else:
+        mount.mount_background(args.sr, Path(args.mountpoint), args.options, args.debug)
+
+
+def cmd_umount(sr: LocalSR | None, args: argparse.Namespace) -> None:
+    from vdifs.fs import mount
+
+    mount.unmount(Path(args.mountpoint), lazy=args.lazy)
+
+
+def cmd_sr_info(sr: LocalSR, args: argparse.Namespace) -> None:
+    records = sr.list_vdis()
+    packs = sum(f.stat().st_size for f in sr.packs_dir.iterdir())
+    print(
+        json.dumps(
+            {
+                "path": str(sr.path),
+                "vdis": sum(not r.is_a_snapshot for r in records),
+                "snapshots": sum(r.is_a_snapshot for r in records),
+                "data_bytes": packs,
+            },
+            indent=2,
+        )
+    )
+
+
+def cmd_sr_gc(sr: LocalSR, args: argparse.Namespace) -> None:
+    packs, freed = sr.garbage_collect()
+    print(f"removed {packs} unused pack(s), {_human(freed)} freed")
+
+
+def cmd_demo(sr: LocalSR, args: argparse.Namespace) -> None:
+    """Fill an empty SR with a small demo disk and two snapshots, then mount it."""
+    from vdifs.fs import mount
+
+    if not sr.list_vdis():
+        record = sr.create_vdi("demo-disk", 64 << 20, "a demo disk made by 'vdifs demo'")
+        with sr.writer(record.uuid) as w:
+            for chunk in range(0, 1024, 7):
+                w.write_chunk(chunk, (f"vdifs demo chunk {chunk}\n" * 2000).encode()[:65536])
+            w.commit()
+        sr.snapshot(record.uuid, "demo-monday")
+        with sr.writer(record.uuid) as w:
+            for chunk in range(3, 1024, 50):
+                w.write_chunk(chunk, (f"changed on tuesday {chunk}\n" * 3000).encode()[:65536])
+            w.commit()
+        sr.snapshot(record.uuid, "demo-tuesday")
+    mountpoint = Path(args.mountpoint)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if not os.path.ismount(mountpoint):
+        mount.mount_background(sr.path, mountpoint, None, args.debug)
+    print(f"vdifs is mounted on {mountpoint} (SR {sr.path}); try: ls -l {mountpoint}/vdis/*/")
+    print(f"unmount with: vdifs umount {mountpoint}")
+
+
+# -- the parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdifs",
+        description="Virtual disks, snapshots and deltas as plain files (FUSE).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"vdifs {__version__}")
+    parser.add_argument(
+        "--sr",
+        type=Path,
+        default=None,
+        help="SR directory (default: $VDIFS_SR, else ~/.local/share/vdifs/sr)",
+    )
+    parser.add_argument("--debug", action="store_true", help="log debugging detail to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        parent: Any, name: str, fn: Callable[..., None], help_text: str
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    vdi = sub.add_parser("vdi", help="create, list, snapshot, clone and destroy VDIs")
+    vdi_sub = vdi.add_subparsers(dest="vdi_command", required=True, metavar="ACTION")
+    p = add(vdi_sub, "create", cmd_vdi_create, "create an empty VDI; prints its uuid")
+    p.add_argument("name", help="name_label")
+    p.add_argument("--size", required=True, help="virtual size: bytes or K/M/G/T (binary)")
+    p.add_argument("--description", default="", help="name_description")
+    p = add(vdi_sub, "list", cmd_vdi_list, "list VDIs and snapshots")
+    p.add_argument("--json", action="store_true", help="a JSON array of the records")
+    p = add(vdi_sub, "show", cmd_vdi_show, "one VDI's record as JSON")
+    p.add_argument("vdi", help="uuid (or an unambiguous name)")
+    p = add(vdi_sub, "snapshot", cmd_vdi_snapshot, "snapshot a VDI; prints the snapshot's uuid")
+    p.add_argument("vdi", help="uuid (or an unambiguous name)")
+    p.add_argument("--name", help="the snapshot's name_label (default: the VDI's)")
+    p = add(vdi_sub, "clone", cmd_vdi_clone, "a writable copy of a VDI; prints its uuid")
+    p.add_argument("vdi", help="uuid (or an unambiguous name)")
+    p.add_argument("--name", help="the clone's name_label (default: the source's)")
+    p = add(vdi_sub, "destroy", cmd_vdi_destroy, "destroy a VDI (its snapshots stay)")
+    p.add_argument("vdi", help="uuid")
+    p = add(vdi_sub, "rename", cmd_vdi_rename, "set a VDI's name_label")
+    p.add_argument("vdi", help="uuid (or an unambiguous name)")
+    p.add_argument("name", help="new name_label")
+
+    p = add(sub, "export", cmd_export, "write a VDI as raw, VHD or qcow2 (xe vdi-export)")
+    p.add_argument("vdi", help="uuid (or an unambiguous name)")
+    p.add_argument("file", help="output file, or - for stdout")
+    p.add_argument("--format", choices=("raw", "vhd", "qcow2"), default="raw")
+    p.add_argument("--base", help="export only what changed since this snapshot (a delta)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar on a terminal")
+
+    p = add(sub, "mount", cmd_mount, "mount the SR's tree on MOUNTPOINT")
+    p.add_argument("mountpoint")
+    p.add_argument("--foreground", "-f", action="store_true", help="serve in the foreground")
+    p.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPTIONS",
+        help="comma-separated: ro, allow_other, allow_root, auto_unmount, debug",
+    )
+    p = add(sub, "umount", cmd_umount, "unmount a vdifs mount")
+    p.add_argument("mountpoint")
+    p.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")
+
+    sr_parser = sub.add_parser("sr", help="SR housekeeping")
+    sr_sub = sr_parser.add_subparsers(dest="sr_command", required=True, metavar="ACTION")
+    add(sr_sub, "info", cmd_sr_info, "summary of the SR as JSON")
+    add(sr_sub, "gc", cmd_sr_gc, "free data no VDI or snapshot uses any more")
+
+    p = add(sub, "demo", cmd_demo, "create a demo disk (if the SR is empty) and mount it")
+    p.add_argument("--mountpoint", default="/mnt/vdifs")
+    return parser
+
+
+NEEDS_NO_SR = {cmd_mount, cmd_umount}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "mount" and args.foreground:
+        logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
+    if args.sr is None:
+        args.sr = default_sr_path()
+    try:
+        if args.fn in NEEDS_NO_SR:
+            args.fn(None, args)
+        else:
+            sr = LocalSR(args.sr)
+            try:
+                args.fn(sr, args)
+            finally:
+                sr.close()
+    except VdifsError as exc:
+        print(f"vdifs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+    except KeyboardInterrupt:
+        print("vdifs: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"vdifs: {exc}", file=sys.stderr)
+        return 1
+    return 0

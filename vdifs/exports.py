@@ -1,0 +1,150 @@
+"""A VDI state (+ an optional base) + a format -> an :class:`Export`.
+
+An export knows its exact size before any byte is read and serves
+``read(offset, length)`` by walking the format layout's segments: generated
+metadata is copied, zeros are zeros, data ranges are read from the SR through
+the pinned block map.  Exports are immutable: they describe one state of the
+disk, so an open file handle keeps reading the state it opened.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from vdifs.errors import InvalidArgument, TooLarge
+from vdifs.formats.base import (
+    Allocation,
+    ImageIdentity,
+    Layout,
+    Meta,
+    ParentRef,
+    Zero,
+)
+from vdifs.storage.blockmap import BlockMap
+from vdifs.storage.local import LocalSR, VdiRecord
+
+FORMATS = ("raw", "vhd", "qcow2")
+IMAGE_FORMATS = ("vhd", "qcow2")
+MAX_VHD_SIZE = 2040 << 30  # VHD's limit (XAPI max_vhd_size, qemu refuses more)
+
+
+class LayoutFactory(Protocol):
+    def __call__(
+        self, allocation: Allocation, identity: ImageIdentity, parent: ParentRef | None = None
+    ) -> Layout: ...
+
+
+def layout_class(fmt: str) -> LayoutFactory:
+    module, name = {"vhd": ("vhd", "VhdLayout"), "qcow2": ("qcow2", "Qcow2Layout")}[fmt]
+    cls: LayoutFactory = getattr(importlib.import_module(f"vdifs.formats.{module}"), name)
+    return cls
+
+
+def format_supports(fmt: str, virtual_size: int) -> bool:
+    """Whether a disk of this size can be shown in this format."""
+    return not (fmt == "vhd" and virtual_size > MAX_VHD_SIZE)
+
+
+def identity_of(record: VdiRecord) -> ImageIdentity:
+    return ImageIdentity(uuid=record.state_uuid.bytes, timestamp=record.state_time)
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """A VDI record with the block map of that very state."""
+
+    record: VdiRecord
+    block_map: BlockMap
+
+
+class Export:
+    """Bytes of one image of one disk state."""
+
+    def __init__(
+        self,
+        sr: LocalSR,
+        state: DiskState,
+        fmt: str,
+        base: DiskState | None = None,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise InvalidArgument(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+        if not format_supports(fmt, state.record.virtual_size):
+            raise TooLarge(
+                f"a VHD holds at most 2040 GiB; VDI {state.record.uuid} is larger: use qcow2"
+            )
+        if fmt == "raw" and base is not None:
+            raise InvalidArgument("a raw image cannot be a delta: use vhd or qcow2")
+        self.sr = sr
+        self.state = state
+        self.fmt = fmt
+        self.base = base
+        self.layout: Layout | None = None
+        if fmt != "raw":
+            record = state.record
+            if base is None:
+                allocation = state.block_map.allocation()
+                parent = None
+            else:
+                allocation = state.block_map.diff(base.block_map)
+                parent = ParentRef(identity_of(base.record), f"{base.record.uuid}.{fmt}")
+            self.layout = layout_class(fmt)(allocation, identity_of(record), parent)
+
+    @property
+    def size(self) -> int:
+        if self.layout is None:
+            return self.state.record.virtual_size
+        return self.layout.size
+
+    @property
+    def allocated_bytes(self) -> int:
+        if self.layout is None:
+            return self.state.block_map.chunk_count * 65536
+        return self.layout.allocated_bytes
+
+    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
+        """Bytes at ``offset``, short at the end of the file.
+
+        With ``nowait`` a read that would wait for the disk raises
+        :class:`vdifs.storage.local.WouldBlock` instead.
+        """
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        buf = bytearray(end - offset)
+        view = memoryview(buf)
+        block_map = self.state.block_map
+        if self.layout is None:
+            self.sr.read_into(block_map, offset, view, nowait=nowait)
+            return bytes(buf)
+        pos = 0
+        for seg in self.layout.segments(offset, end - offset):
+            if isinstance(seg, Meta):
+                view[pos : pos + len(seg.data)] = seg.data
+                pos += len(seg.data)
+            elif isinstance(seg, Zero):
+                pos += seg.length  # the buffer starts zeroed
+            else:
+                self.sr.read_into(
+                    block_map, seg.virtual_offset, view[pos : pos + seg.length], nowait=nowait
+                )
+                pos += seg.length
+        if pos != len(buf):
+            raise AssertionError(f"layout covered {pos} of {len(buf)} bytes at {offset}")
+        return bytes(buf)
+
+    def copy_to(
+        self, write: Callable[[bytes], object], progress: Callable[[int], None] | None = None
+    ) -> None:
+        """Stream the whole image front to back (``vdifs export``)."""
+        step = 4 << 20
+        done = 0
+        while done < self.size:
+            data = self.read(done, step)
+            write(data)
+            done += len(data)
+            if progress is not None:
+                progress(done)

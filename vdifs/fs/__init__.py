@@ -1,0 +1,1 @@
+"""The mounted tree: a FUSE-free model (``tree``) under a thin pyfuse3 adapter (``ops``)."""

@@ -1,0 +1,133 @@
+"""Running the filesystem: mount options, the trio main loop, signals, unmount.
+
+The daemon unmounts only after a clean exit (a signal, ``vdifs umount``).  If
+it dies, the mount is left "transport endpoint is not connected" so readers
+fail loudly instead of seeing an empty tree that ``rsync --delete`` would copy.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from vdifs.errors import Busy, InvalidArgument
+from vdifs.fs.ops import VdifsOperations
+from vdifs.fs.tree import Tree
+from vdifs.storage.local import LocalSR
+
+log = logging.getLogger(__name__)
+
+BASE_OPTIONS = frozenset(
+    {"fsname=vdifs", "subtype=vdifs", "default_permissions", "nosuid", "nodev"}
+)
+PASSTHROUGH = frozenset({"ro", "rw", "allow_other", "allow_root", "auto_unmount", "debug"})
+MOUNT_WAIT_SECONDS = 20
+
+
+def parse_options(text: str | None) -> set[str]:
+    """``-o a,b`` -> FUSE options, refusing anything we would not honour."""
+    options = set()
+    for opt in filter(None, (text or "").split(",")):
+        if opt not in PASSTHROUGH:
+            raise InvalidArgument(
+                f"unknown mount option {opt!r}; known: {', '.join(sorted(PASSTHROUGH))}"
+            )
+        if opt != "rw":
+            options.add(opt)
+    return options
+
+
+async def _serve(ops: VdifsOperations) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ops.watch_sr)
+        nursery.start_soon(_stop_on_signals)
+        await pyfuse3.main(min_tasks=2, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None:
+    """Mount and serve until unmounted or signalled."""
+    faulthandler.register(signal.SIGUSR1)
+    if not mountpoint.is_dir():
+        raise InvalidArgument(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise Busy(f"{mountpoint} is already a mount point")
+    sr = LocalSR(sr_path)
+    tree = Tree(sr, read_only="ro" in options)
+    ops = VdifsOperations(tree)
+    pyfuse3.init(ops, str(mountpoint), set(BASE_OPTIONS | options))
+    log.info("serving %s on %s", sr_path, mountpoint)
+    try:
+        trio.run(_serve, ops)
+    except BaseException:
+        log.exception("the filesystem stopped on an error; leaving the mount disconnected")
+        pyfuse3.close(unmount=False)
+        raise
+    pyfuse3.close(unmount=True)
+    sr.close()
+
+
+def mount_background(sr_path: Path, mountpoint: Path, option_text: str | None, debug: bool) -> None:
+    """Start a foreground daemon detached, return once the mount answers."""
+    parse_options(option_text)  # refuse bad options before forking anything
+    if not mountpoint.is_dir():
+        raise InvalidArgument(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise Busy(f"{mountpoint} is already a mount point")
+    sr_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = sr_path / "daemon.log"
+    cmd = [sys.executable, "-m", "vdifs", "--sr", str(sr_path)]
+    if debug:
+        cmd.append("--debug")
+    cmd += ["mount", str(mountpoint), "--foreground"]
+    if option_text:
+        cmd += ["-o", option_text]
+    with open(log_path, "ab") as logfile:
+        start = logfile.tell()
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + MOUNT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            return
+        if proc.poll() is not None:
+            with open(log_path, "rb") as f:
+                f.seek(start)
+                tail = f.read().decode(errors="replace").strip().splitlines()
+            reason = tail[-1] if tail else f"exit status {proc.returncode}"
+            raise InvalidArgument(f"the mount daemon failed: {reason}")
+        time.sleep(0.05)
+    proc.terminate()
+    raise Busy(f"the mount did not come up within {MOUNT_WAIT_SECONDS} s (see {log_path})")
+
+
+def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
+    if not os.path.ismount(mountpoint):
+        raise InvalidArgument(f"{mountpoint} is not mounted")
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise Busy(result.stderr.strip() or f"could not unmount {mountpoint}")

@@ -1,0 +1,341 @@
+"""The pyfuse3 adapter: inodes in, model calls, attributes and errnos out.
+
+Every handler resolves its inode or handle to a tree node, calls the model,
+and builds attributes in :meth:`VdifsOperations._entry`.  Errors are mapped in
+one place (:func:`_errors`): a :class:`VdifsError` becomes its errno; any other
+exception is a bug, logged with its traceback and answered with EIO so that
+one bad request never ends the mount (pyfuse3 handlers may raise nothing
+but FUSEError).
+
+Threads: reads first try the page cache on the event loop (``RWF_NOWAIT``);
+only a read that would wait for the disk goes to a worker thread, once per
+request, under :data:`BACKEND_LIMITER`.  Commits (hashing, fsync) always run
+in a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from vdifs.errors import ReadOnly, VdifsError
+from vdifs.exports import Export
+from vdifs.fs.tree import ROOT, Node, Tree
+from vdifs.livedisk import DIRTY_LIMIT, LiveDisk
+from vdifs.storage.local import WouldBlock
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+BACKEND_LIMITER = trio.CapacityLimiter(4)
+REFRESH_INTERVAL = 0.5  # seconds between checks for changes made by other processes
+BLKSIZE = 1 << 20
+
+
+def _errors(
+    handler: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except VdifsError as exc:
+            log.debug("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.warning("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("bug in %s; answering EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def nonblocking(fn: Callable[[bool], T]) -> T:
+    """Run ``fn(nowait=True)`` on the loop; if it would block, ``fn(False)`` in a thread."""
+    try:
+        return fn(True)
+    except WouldBlock:
+        return await trio.to_thread.run_sync(fn, False, limiter=BACKEND_LIMITER)
+
+
+@dataclass
+class Handle:
+    node: Node
+    export: Export | None  # pinned at open for read-only views
+    live: LiveDisk | None  # a live raw.img opened for writing or reading
+
+
+class VdifsOperations(pyfuse3.Operations):
+    enable_writeback_cache = False  # keep per-write errors and ordering (see docs)
+
+    def __init__(self, tree: Tree) -> None:
+        super().__init__()
+        self.tree = tree
+        self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._live: dict[str, LiveDisk] = {}
+        self._flush_locks: dict[str, trio.Lock] = {}
+        self._info_cache: dict[int, bytes] = {}  # info.json bytes pinned per handle
+        self.uid = os.geteuid()
+        self.gid = os.getegid()
+
+    # -- inodes ----------------------------------------------------------------
+
+    def _inode(self, node: Node) -> int:
+        ino = self._inodes.get(node)
+        if ino is None:
+            ino = len(self._nodes) + 1
+            while ino in self._nodes:
+                ino += 1
+            self._inodes[node] = ino
+            self._nodes[ino] = node
+        return ino
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = self.tree.attr(node)
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self._inode(node)
+        entry.generation = 0
+        entry.entry_timeout = attr.timeout
+        entry.attr_timeout = attr.timeout
+        entry.st_mode = attr.mode
+        entry.st_nlink = 2 if attr.mode & 0o040000 else 1
+        entry.st_uid = self.uid
+        entry.st_gid = self.gid
+        entry.st_rdev = 0
+        entry.st_size = attr.size
+        entry.st_blksize = BLKSIZE
+        entry.st_blocks = attr.blocks
+        entry.st_atime_ns = attr.mtime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.mtime_ns
+        return entry
+
+    # -- lookups and attributes --------------------------------------------------
+
+    @_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        text = os.fsdecode(name)
+        if text == ".":
+            return self._entry(parent)
+        return self._entry(self.tree.lookup(parent, text))
+
+    @_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self._node(inode))
+
+    @_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_size and attr.st_size != self.tree.attr(node).size:
+            # A disk's size is fixed; truncation (cp's O_TRUNC) would destroy it.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._entry(node)  # times are derived from the SR: ignore touch
+
+    @_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        target = self.tree.attr(self._node(inode)).target
+        if target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(target)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Inodes stay for the life of the mount: numbers are never reused.
+        pass
+
+    @_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.tree.sr.path)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = st.f_bsize
+        data.f_frsize = st.f_frsize
+        data.f_blocks = st.f_blocks
+        data.f_bfree = st.f_bfree
+        data.f_bavail = st.f_bavail
+        data.f_files = len(self._nodes) + 1000
+        data.f_ffree = 1000
+        data.f_favail = 1000
+        data.f_namemax = 255
+        return data
+
+    # -- directories ---------------------------------------------------------------
+
+    @_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not self.tree.attr(node).mode & 0o040000:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Entries are ordered by inode, and start_id is "the next inode to list":
+        # stable while entries come and go (no repeats, no skips).
+        entries = sorted(
+            (self._inode(child), name, child) for name, child in self.tree.children(self._node(fh))
+        )
+        for ino, name, child in entries:
+            if ino < start_id:
+                continue
+            try:
+                entry = self._entry(child)
+            except VdifsError:
+                continue  # vanished since the listing
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, ino + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    # -- files -----------------------------------------------------------------------
+
+    def _live_disk(self, uuid: str) -> LiveDisk:
+        disk = self._live.get(uuid)
+        if disk is None:
+            disk = LiveDisk(self.tree.sr, uuid, lambda: self.tree.export(uuid, "raw"))
+            self._live[uuid] = disk
+            self._flush_locks[uuid] = trio.Lock()
+        return disk
+
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        write = flags & os.O_ACCMODE != os.O_RDONLY
+        kind = node[0]
+        fh = self._next_fh
+        self._next_fh += 1
+        if kind == "info":
+            if write:
+                raise ReadOnly("info.json is read-only")
+            data = self.tree.info_json(node[1])
+            self._handles[fh] = Handle(node, None, None)
+            self._info_cache[fh] = data
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        export: Export | None = self.tree.open_export(node, write=write)
+        immutable = self.tree.is_immutable(node)
+        live = None
+        if kind == "raw" and not immutable:
+            # A live disk is read through its write buffer, never a pinned state.
+            live = self._live_disk(node[1])
+            live.open_handles += 1
+            export = None
+        self._handles[fh] = Handle(node, export, live)
+        # Snapshot files never change: keep their page cache across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=immutable, direct_io=False)
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        if handle.node[0] == "info":
+            return self._info_cache[fh][off : off + size]
+        if handle.live is not None:
+            live = handle.live
+            return await nonblocking(lambda nowait: live.read(off, size, nowait=nowait))
+        export = handle.export
+        assert export is not None
+        return await nonblocking(lambda nowait: export.read(off, size, nowait=nowait))
+
+    @_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        live = handle.live
+        if live is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        written = await nonblocking(lambda nowait: live.write(off, buf, nowait=nowait))
+        if live.dirty_bytes >= DIRTY_LIMIT:
+            await self._flush_live(live)
+        return written
+
+    async def _flush_live(self, live: LiveDisk) -> None:
+        async with self._flush_locks[live.uuid]:
+            if not live.begin_flush():
+                return
+            ok = False
+            try:
+                await trio.to_thread.run_sync(live.commit, limiter=BACKEND_LIMITER)
+                ok = True
+            finally:
+                self.tree.refresh()
+                live.end_flush(ok=ok)
+            self._invalidate(live.uuid, skip_raw=True)
+
+    @_errors
+    async def flush(self, fh: int) -> None:
+        handle = self._handles[fh]
+        if handle.live is not None:
+            await self._flush_live(handle.live)
+
+    @_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh)
+        self._info_cache.pop(fh, None)
+        live = handle.live
+        if live is not None:
+            live.open_handles -= 1
+            await self._flush_live(live)
+            if live.open_handles == 0 and not live.dirty:
+                self._live.pop(live.uuid, None)
+
+    # -- watching the SR ----------------------------------------------------------------
+
+    def _invalidate(self, uuid: str, *, skip_raw: bool = False) -> None:
+        for node in self.tree.inode_nodes_of(uuid):
+            if skip_raw and node[0] == "raw":
+                continue
+            ino = self._inodes.get(node)
+            if ino is not None:
+                with contextlib.suppress(OSError):  # the kernel had nothing cached
+                    pyfuse3.invalidate_inode(ino, attr_only=False)
+
+    async def watch_sr(self) -> None:
+        """Show changes made by other processes (the CLI) within a second."""
+        while True:
+            await trio.sleep(REFRESH_INTERVAL)
+            try:
+                changed = self.tree.refresh()
+            except Exception:
+                log.exception("could not refresh from the SR")
+                continue
+            for uuid in changed:
+                if uuid in self._live and self._live[uuid].dirty:
+                    continue  # our own buffered writes stay visible
+                self._invalidate(uuid)

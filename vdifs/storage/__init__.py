@@ -1,0 +1,1 @@
+"""Storage backends.  ``local`` is the embedded SR, the default."""

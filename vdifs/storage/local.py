@@ -1,0 +1,696 @@
+"""The embedded SR: SQLite metadata beside immutable, content-addressed chunk packs.
+
+Layout of an SR directory::
+
+    sr.db              metadata (WAL): VDIs, block maps, the chunk index, packs
+    packs/<id>.pack    chunk objects, 64 KiB slots, written once then sealed
+    staging/           import uploads in progress (see vdifs.imports)
+
+A chunk id is ``pack << 32 | slot``: the id *is* the location, so reading a
+chunk needs no lookup.  Identical chunks are stored once (``chunks`` maps a
+SHA-256 prefix to an id), which is what makes a re-imported block keep its
+identity and clones of a golden image free.  All-zero chunks are never stored
+(id 0).
+
+Every mutation is one SQLite transaction.  Chunk data is written and fsynced
+to a new pack *before* the transaction that references it commits; a crash
+leaves at worst an unreferenced pack file, removed at the next open.  Packs
+being written are flock()ed so that a concurrent process never removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import uuid as uuidlib
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vdifs.errors import (
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    ReadOnly,
+    StorageError,
+)
+from vdifs.formats.base import CHUNK_SIZE, CHUNKS_PER_BLOCK, SECTOR_SIZE
+from vdifs.storage.blockmap import ROW_BYTES, ZERO_ROW, BlockMap, row_mask
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ZERO_CHUNK = bytes(CHUNK_SIZE)
+PACK_SLOTS = 16384  # 1 GiB per pack: few files, yet a failed import wastes at most that
+MAX_VIRTUAL_SIZE = 64 << 40  # 64 TiB: qcow2 serves it; keeps block-map rows within u32 indexes
+STALE_PACK_SECONDS = 60  # an unsealed, unlocked pack this old was left by a crash
+DIGEST_BYTES = 16  # SHA-256 prefix: 2^64 birthday bound, half the index size
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vdis(
+    id INTEGER PRIMARY KEY,
+    uuid TEXT NOT NULL UNIQUE,
+    name_label TEXT NOT NULL,
+    name_description TEXT NOT NULL DEFAULT '',
+    virtual_size INTEGER NOT NULL,
+    is_a_snapshot INTEGER NOT NULL DEFAULT 0,
+    snapshot_of TEXT,
+    snapshot_time TEXT,
+    lineage TEXT NOT NULL,
+    created TEXT NOT NULL,
+    changed_ns INTEGER NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1,
+    allocated_chunks INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS vdis_lineage ON vdis(lineage);
+CREATE TABLE IF NOT EXISTS blocks(
+    vdi INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    mask INTEGER NOT NULL,
+    chunks BLOB NOT NULL,
+    PRIMARY KEY(vdi, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks(digest BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY, slots INTEGER NOT NULL);
+"""
+
+
+class WouldBlock(Exception):
+    """A ``nowait`` read would have waited for the disk (not a user error)."""
+
+
+def default_sr_path() -> Path:
+    env = os.environ.get("VDIFS_SR")
+    if env:
+        return Path(env)
+    return Path.home() / ".local/share/vdifs/sr"
+
+
+def utc_iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def chunk_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()[:DIGEST_BYTES]
+
+
+@dataclass(frozen=True)
+class VdiRecord:
+    """One VDI or snapshot, with XAPI's field names where XAPI has them."""
+
+    id: int
+    uuid: str
+    name_label: str
+    name_description: str
+    virtual_size: int
+    is_a_snapshot: bool
+    snapshot_of: str | None
+    snapshot_time: str | None
+    lineage: str
+    created: str
+    changed_ns: int
+    generation: int
+    allocated_chunks: int
+    snapshots: tuple[str, ...] = ()
+
+    @property
+    def read_only(self) -> bool:
+        return self.is_a_snapshot
+
+    @property
+    def physical_utilisation(self) -> int:
+        return self.allocated_chunks * CHUNK_SIZE
+
+    @property
+    def state_uuid(self) -> uuidlib.UUID:
+        """Identity of this VDI's content at this generation (image identity)."""
+        return uuidlib.uuid5(_STATE_NAMESPACE, f"{self.uuid}/{self.generation}")
+
+    @property
+    def state_time(self) -> int:
+        """Seconds since the epoch of this state: snapshot time or last change."""
+        return self.changed_ns // 1_000_000_000
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "name_label": self.name_label,
+            "name_description": self.name_description,
+            "virtual_size": self.virtual_size,
+            "physical_utilisation": self.physical_utilisation,
+            "is_a_snapshot": self.is_a_snapshot,
+            "snapshot_of": self.snapshot_of,
+            "snapshot_time": self.snapshot_time,
+            "snapshots": list(self.snapshots),
+            "read_only": self.read_only,
+            "created": self.created,
+            "last_changed": utc_iso(self.changed_ns),
+            "generation": self.generation,
+            "content_id": str(self.state_uuid),
+        }
+
+
+_STATE_NAMESPACE = uuidlib.UUID("6d0c7c5e-3c55-4d0b-9a57-7664696673ff")
+
+
+class _PackFile:
+    """An open pack descriptor; closed when the last user drops it."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+class LocalSR:
+    """The embedded storage repository in one directory."""
+
+    FD_CACHE = 512
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.packs_dir = self.path / "packs"
+        self.staging_dir = self.path / "staging"
+        for d in (self.path, self.packs_dir, self.staging_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._local = threading.local()
+        self._fds: dict[int, _PackFile] = {}
+        self._fd_lock = threading.Lock()
+        db = self.db
+        for statement in _SCHEMA.strip().split(";\n"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
+        )
+        self.remove_stale_packs()
+
+    # -- connections ---------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection (SQLite connections are not shared)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path / "sr.db", timeout=30, isolation_level=None, check_same_thread=True
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a commit that returned survives a crash
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it commits, or none of it."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (cheap change polling)."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        with self._fd_lock:
+            self._fds.clear()
+
+    # -- records -------------------------------------------------------------
+
+    _COLUMNS = (
+        "id, uuid, name_label, name_description, virtual_size, is_a_snapshot, snapshot_of,"
+        " snapshot_time, lineage, created, changed_ns, generation, allocated_chunks"
+    )
+
+    def _record(self, row: tuple[Any, ...], snapshots: tuple[str, ...]) -> VdiRecord:
+        return VdiRecord(
+            id=row[0],
+            uuid=row[1],
+            name_label=row[2],
+            name_description=row[3],
+            virtual_size=row[4],
+            is_a_snapshot=bool(row[5]),
+            snapshot_of=row[6],
+            snapshot_time=row[7],
+            lineage=row[8],
+            created=row[9],
+            changed_ns=row[10],
+            generation=row[11],
+            allocated_chunks=row[12],
+            snapshots=snapshots,
+        )
+
+    def list_vdis(self) -> list[VdiRecord]:
+        db = self.db
+        rows = db.execute(f"SELECT {self._COLUMNS} FROM vdis ORDER BY created, uuid").fetchall()
+        snaps: dict[str, list[str]] = {}
+        for row in rows:
+            if row[6]:
+                snaps.setdefault(row[6], []).append(row[1])
+        return [self._record(r, tuple(snaps.get(r[1], ()))) for r in rows]
+
+    def get_vdi(self, uuid: str) -> VdiRecord:
+        db = self.db
+        row = db.execute(f"SELECT {self._COLUMNS} FROM vdis WHERE uuid = ?", (uuid,)).fetchone()
+        if row is None:
+            raise NotFound(f"no VDI with uuid {uuid}")
+        snaps = tuple(
+            r[0]
+            for r in db.execute(
+                "SELECT uuid FROM vdis WHERE snapshot_of = ? ORDER BY created, uuid", (uuid,)
+            )
+        )
+        return self._record(row, snaps)
+
+    def block_map(self, vdi: VdiRecord) -> BlockMap:
+        rows = self.db.execute(
+            "SELECT idx, mask, chunks FROM blocks WHERE vdi = ? ORDER BY idx", (vdi.id,)
+        )
+        return BlockMap.from_rows(vdi.virtual_size, iter(rows))
+
+    def snapshot_state(self, uuid: str) -> tuple[VdiRecord, BlockMap]:
+        """A VDI record and its block map, read in one consistent transaction."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            record = self.get_vdi(uuid)
+            return record, self.block_map(record)
+        finally:
+            db.execute("COMMIT")
+
+    # -- mutations on records ------------------------------------------------
+
+    def create_vdi(self, name: str, size: int, description: str = "") -> VdiRecord:
+        size = check_size(size)
+        check_name(name)
+        uuid = str(uuidlib.uuid4())
+        now = time.time_ns()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO vdis(uuid, name_label, name_description, virtual_size, lineage,"
+                " created, changed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (uuid, name, description, size, uuid, utc_iso(now), now),
+            )
+        return self.get_vdi(uuid)
+
+    def _copy(self, source_uuid: str, name: str | None, *, snapshot: bool) -> VdiRecord:
+        uuid = str(uuidlib.uuid4())
+        now = time.time_ns()
+        with self.transaction() as db:
+            src = self.get_vdi(source_uuid)
+            label = name if name is not None else src.name_label
+            check_name(label)
+            cur = db.execute(
+                "INSERT INTO vdis(uuid, name_label, name_description, virtual_size,"
+                " is_a_snapshot, snapshot_of, snapshot_time, lineage, created, changed_ns,"
+                " allocated_chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    uuid,
+                    label,
+                    src.name_description,
+                    src.virtual_size,
+                    int(snapshot),
+                    src.uuid if snapshot else None,
+                    utc_iso(now) if snapshot else None,
+                    src.lineage,
+                    utc_iso(now),
+                    now,
+                    src.allocated_chunks,
+                ),
+            )
+            db.execute(
+                "INSERT INTO blocks(vdi, idx, mask, chunks)"
+                " SELECT ?, idx, mask, chunks FROM blocks WHERE vdi = ?",
+                (cur.lastrowid, src.id),
+            )
+        return self.get_vdi(uuid)
+
+    def snapshot(self, uuid: str, name: str | None = None) -> VdiRecord:
+        """A read-only point in time; copies the block map, never data."""
+        return self._copy(uuid, name, snapshot=True)
+
+    def clone(self, uuid: str, name: str | None = None) -> VdiRecord:
+        """A writable copy; copies the block map, never data."""
+        return self._copy(uuid, name, snapshot=False)
+
+    def destroy(self, uuid: str) -> None:
+        """Forget a VDI; its snapshots stay, and so does the data they share."""
+        with self.transaction() as db:
+            record = self.get_vdi(uuid)
+            db.execute("DELETE FROM blocks WHERE vdi = ?", (record.id,))
+            db.execute("DELETE FROM vdis WHERE id = ?", (record.id,))
+
+    def set_name(self, uuid: str, name: str) -> None:
+        check_name(name)
+        with self.transaction() as db:
+            self.get_vdi(uuid)
+            db.execute("UPDATE vdis SET name_label = ? WHERE uuid = ?", (name, uuid))
+
+    # -- chunk data ------------------------------------------------------------
+
+    def _pack_path(self, pack: int) -> Path:
+        return self.packs_dir / f"{pack:08x}.pack"
+
+    def _pack_file(self, pack: int) -> _PackFile:
+        with self._fd_lock:
+            pf = self._fds.get(pack)
+            if pf is None:
+                if len(self._fds) >= self.FD_CACHE:
+                    self._fds.clear()  # users still holding one keep it open
+                try:
+                    pf = _PackFile(os.open(self._pack_path(pack), os.O_RDONLY | os.O_CLOEXEC))
+                except FileNotFoundError:
+                    raise StorageError(f"chunk pack {pack:08x} is missing from the SR") from None
+                self._fds[pack] = pf
+            return pf
+
+    def read_chunk(self, chunk_id: int) -> bytes:
+        buf = bytearray(CHUNK_SIZE)
+        self.read_chunk_into(chunk_id, memoryview(buf))
+        return bytes(buf)
+
+    def read_chunk_into(
+        self, chunk_id: int, buf: memoryview, skip: int = 0, *, nowait: bool = False
+    ) -> None:
+        """Fill ``buf`` from a stored chunk, starting ``skip`` bytes into it.
+
+        With ``nowait`` the read only succeeds from the page cache
+        (``RWF_NOWAIT``); otherwise :class:`WouldBlock` tells the caller to
+        retry the whole request off the event loop.
+        """
+        if chunk_id == 0:
+            buf[:] = ZERO_CHUNK[: len(buf)]
+            return
+        pf = self._pack_file(chunk_id >> 32)
+        offset = (chunk_id & 0xFFFFFFFF) * CHUNK_SIZE + skip
+        if nowait:
+            try:
+                got = os.preadv(pf.fd, [buf], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                raise WouldBlock from None
+            if got != len(buf):
+                raise WouldBlock
+            return
+        got = os.preadv(pf.fd, [buf], offset)
+        if got != len(buf):
+            raise StorageError(f"chunk {chunk_id:016x} is truncated in the SR")
+
+    def read(self, block_map: BlockMap, offset: int, length: int) -> bytes:
+        """Bytes of a disk through its block map, clamped at the end of the disk."""
+        end = min(offset + length, block_map.virtual_size)
+        if offset >= end:
+            return b""
+        out = bytearray(end - offset)
+        self.read_into(block_map, offset, memoryview(out))
+        return bytes(out)
+
+    def read_into(
+        self, block_map: BlockMap, offset: int, buf: memoryview, *, nowait: bool = False
+    ) -> None:
+        """Fill ``buf`` with the disk's bytes at ``offset`` (inside the disk)."""
+        if not len(buf):
+            return
+        first = offset // CHUNK_SIZE
+        last = (offset + len(buf) - 1) // CHUNK_SIZE
+        pos = 0
+        for n, chunk_id in enumerate(block_map.chunk_ids(first, last - first + 1)):
+            skip = offset + pos - (first + n) * CHUNK_SIZE
+            take = min(CHUNK_SIZE - skip, len(buf) - pos)
+            self.read_chunk_into(chunk_id, buf[pos : pos + take], skip, nowait=nowait)
+            pos += take
+
+    def writer(self, uuid: str, *, replace: bool = False) -> ChunkWriter:
+        return ChunkWriter(self, uuid, replace=replace)
+
+    # -- housekeeping -----------------------------------------------------------
+
+    def remove_stale_packs(self) -> int:
+        """Delete pack files no transaction committed and nobody is writing."""
+        known = {r[0] for r in self.db.execute("SELECT id FROM packs")}
+        removed = 0
+        now = time.time()
+        for entry in os.scandir(self.packs_dir):
+            stem, _, ext = entry.name.partition(".")
+            try:
+                pack = int(stem, 16)
+            except ValueError:
+                continue
+            if ext != "pack" or pack in known:
+                continue
+            if now - entry.stat().st_mtime < STALE_PACK_SECONDS:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            finally:
+                os.close(fd)
+            os.unlink(entry.path)
+            removed += 1
+        if removed:
+            log.info("removed %d pack(s) left behind by an interrupted write", removed)
+        return removed
+
+    def garbage_collect(self) -> tuple[int, int]:
+        """Remove chunks and packs no block map references.
+
+        Returns ``(packs_removed, bytes_freed)``.  A pack is deleted only when
+        none of its chunks is referenced; partly used packs stay whole.
+        """
+        with self.transaction() as db:
+            live: set[int] = set()
+            for (blob,) in db.execute("SELECT chunks FROM blocks"):
+                ids = array("Q", blob)
+                live.update(i >> 32 for i in ids if i)
+            dead = [p for (p,) in db.execute("SELECT id FROM packs") if p not in live]
+            freed = 0
+            for pack in dead:
+                db.execute("DELETE FROM packs WHERE id = ?", (pack,))
+                db.execute(
+                    "DELETE FROM chunks WHERE id >= ? AND id < ?", (pack << 32, (pack + 1) << 32)
+                )
+        for pack in dead:
+            path = self._pack_path(pack)
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+        return len(dead), freed
+
+
+class ChunkWriter:
+    """Stages chunks for one VDI and applies them in one transaction.
+
+    ``write_chunk`` may be called in any order; the last write of a chunk
+    wins.  Data goes to a new pack as it arrives (memory stays bounded); the
+    block map changes only in :meth:`commit`.  With ``replace=True`` the
+    commit makes every chunk that was not written zero (a full image).
+    """
+
+    def __init__(self, sr: LocalSR, uuid: str, *, replace: bool) -> None:
+        self.sr = sr
+        self.uuid = uuid
+        self.replace = replace
+        record = sr.get_vdi(uuid)
+        if record.is_a_snapshot:
+            raise ReadOnly(f"VDI {uuid} is a snapshot and cannot change")
+        self.virtual_size = record.virtual_size
+        self._rows: dict[int, bytearray] = {}
+        self._written: dict[int, int] = {}  # block -> mask of chunks written
+        self._new_digests: dict[bytes, int] = {}
+        self._packs: list[tuple[int, int, int]] = []  # (pack, fd, slots used)
+        self.chunks_written = 0
+        self.bytes_stored = 0
+        self._done = False
+
+    def _open_pack(self) -> None:
+        while True:
+            pack = secrets.randbelow((1 << 31) - 1) + 1
+            try:
+                fd = os.open(
+                    self.sr._pack_path(pack),
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    0o600,
+                )
+            except FileExistsError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._packs.append((pack, fd, 0))
+            return
+
+    def _store(self, data: bytes, digest: bytes) -> int:
+        known = self._new_digests.get(digest)
+        if known is not None:
+            return known
+        row = self.sr.db.execute("SELECT id FROM chunks WHERE digest = ?", (digest,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        if not self._packs or self._packs[-1][2] >= PACK_SLOTS:
+            self._open_pack()
+        pack, fd, slots = self._packs[-1]
+        try:
+            os.pwrite(fd, data, slots * CHUNK_SIZE)
+        except OSError as exc:
+            if exc.errno == 28:
+                raise NoSpace("the SR's file system is full") from None
+            raise
+        self._packs[-1] = (pack, fd, slots + 1)
+        chunk_id = pack << 32 | slots
+        self._new_digests[digest] = chunk_id
+        self.bytes_stored += CHUNK_SIZE
+        return chunk_id
+
+    def write_chunk(self, chunk: int, data: bytes, digest: bytes | None = None) -> None:
+        """Set one chunk.  ``data`` is at most CHUNK_SIZE bytes (zero-padded)."""
+        if chunk < 0 or chunk * CHUNK_SIZE >= self.virtual_size:
+            raise InvalidArgument(f"chunk {chunk} is outside the disk")
+        if len(data) != CHUNK_SIZE:
+            data = bytes(data).ljust(CHUNK_SIZE, b"\0")
+        if data == ZERO_CHUNK:
+            chunk_id = 0
+        else:
+            chunk_id = self._store(data, digest or chunk_digest(data))
+        block, c = divmod(chunk, CHUNKS_PER_BLOCK)
+        row = self._rows.get(block)
+        if row is None:
+            row = self._rows[block] = bytearray(ROW_BYTES)
+        row[c * 8 : c * 8 + 8] = chunk_id.to_bytes(8, "little")
+        self._written[block] = self._written.get(block, 0) | 1 << c
+        self.chunks_written += 1
+
+    def commit(self) -> VdiRecord:
+        if self._done:
+            raise RuntimeError("writer already finished")
+        try:
+            for _pack, fd, _slots in self._packs:
+                os.fsync(fd)
+            now = time.time_ns()
+            with self.sr.transaction() as db:
+                record = self.sr.get_vdi(self.uuid)
+                if record.is_a_snapshot:
+                    raise ReadOnly(f"VDI {self.uuid} is a snapshot and cannot change")
+                for pack, _fd, slots in self._packs:
+                    db.execute("INSERT INTO packs(id, slots) VALUES (?, ?)", (pack, slots))
+                db.executemany(
+                    "INSERT OR IGNORE INTO chunks(digest, id) VALUES (?, ?)",
+                    self._new_digests.items(),
+                )
+                if self.replace:
+                    db.execute("DELETE FROM blocks WHERE vdi = ?", (record.id,))
+                for block, new_row in self._rows.items():
+                    written = self._written[block]
+                    if self.replace:
+                        row = bytes(new_row)
+                    else:
+                        old = db.execute(
+                            "SELECT chunks FROM blocks WHERE vdi = ? AND idx = ?",
+                            (record.id, block),
+                        ).fetchone()
+                        merged = bytearray(old[0] if old else ZERO_ROW)
+                        for c in range(CHUNKS_PER_BLOCK):
+                            if written >> c & 1:
+                                merged[c * 8 : c * 8 + 8] = new_row[c * 8 : c * 8 + 8]
+                        row = bytes(merged)
+                    mask = row_mask(row)
+                    if mask:
+                        db.execute(
+                            "INSERT OR REPLACE INTO blocks(vdi, idx, mask, chunks)"
+                            " VALUES (?, ?, ?, ?)",
+                            (record.id, block, mask, row),
+                        )
+                    else:
+                        db.execute(
+                            "DELETE FROM blocks WHERE vdi = ? AND idx = ?", (record.id, block)
+                        )
+                count = sum(
+                    int(m).bit_count()
+                    for (m,) in db.execute("SELECT mask FROM blocks WHERE vdi = ?", (record.id,))
+                )
+                db.execute(
+                    "UPDATE vdis SET generation = generation + 1, changed_ns = ?,"
+                    " allocated_chunks = ? WHERE id = ?",
+                    (max(now, record.changed_ns + 1), count, record.id),
+                )
+            result = self.sr.get_vdi(self.uuid)
+        except BaseException:
+            self.abort()
+            raise
+        self._close_packs(unlink=False)
+        self._done = True
+        return result
+
+    def abort(self) -> None:
+        """Drop everything staged; the VDI is as it was."""
+        if not self._done:
+            self._close_packs(unlink=True)
+            self._done = True
+
+    def _close_packs(self, *, unlink: bool) -> None:
+        for pack, fd, _slots in self._packs:
+            if unlink:
+                with contextlib.suppress(FileNotFoundError):
+                    self.sr._pack_path(pack).unlink()
+            os.close(fd)
+        self._packs.clear()
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"10G"`` -> 10 GiB.  Suffixes are binary; ``B``/``iB`` optional."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    suffix = s[-1:] if s[-1:] in _SIZE_SUFFIXES and s[-1:] else ""
+    number = s[: -len(suffix)] if suffix else s
+    try:
+        value = int(number)
+    except ValueError:
+        raise InvalidArgument(f"invalid size {text!r}: use bytes or K/M/G/T (binary)") from None
+    return value * _SIZE_SUFFIXES[suffix]
+
+
+def check_size(size: int) -> int:
+    """Validate a virtual size and round it up to whole sectors."""
+    if size <= 0:
+        raise InvalidArgument("a VDI needs a size above zero")
+    if size > MAX_VIRTUAL_SIZE:
+        raise InvalidArgument(f"size {size} is above the SR limit of {MAX_VIRTUAL_SIZE} bytes")
+    return -(-size // SECTOR_SIZE) * SECTOR_SIZE
+
+
+def check_name(name: str) -> None:
+    if not name or "\0" in name or len(name.encode()) > 255:
+        raise InvalidArgument("a name must be 1 to 255 bytes with no NUL")
+    if name in (".", ".."):
+        raise InvalidArgument("'.' and '..' are not names")
