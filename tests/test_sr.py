@@ -1,0 +1,198 @@
+"""The embedded SR without FUSE: records, block maps, transactions, crashes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vdifs.errors import InvalidArgument, NotFound, ReadOnly
+from vdifs.formats.base import CHUNK_SIZE
+from vdifs.storage.blockmap import ROW_BYTES
+from vdifs.storage.local import LocalSR, parse_size
+
+
+def test_parse_size() -> None:
+    assert parse_size("512") == 512
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("4k") == 4096
+    assert parse_size("2TiB") == 2 << 40
+    assert parse_size("1M") == 1 << 20
+    with pytest.raises(InvalidArgument):
+        parse_size("ten")
+
+
+def test_create_rounds_to_sectors_and_records_xapi_fields(sr: LocalSR) -> None:
+    record = sr.create_vdi("disk", 1000, "a description")
+    assert record.virtual_size == 1024
+    fields = record.to_json()
+    for key in (
+        "uuid",
+        "name_label",
+        "name_description",
+        "virtual_size",
+        "physical_utilisation",
+        "is_a_snapshot",
+        "snapshot_of",
+        "snapshot_time",
+        "snapshots",
+        "read_only",
+    ):
+        assert key in fields
+    assert fields["is_a_snapshot"] is False and fields["snapshot_of"] is None
+
+
+def test_zero_chunks_are_never_stored(sr: LocalSR) -> None:
+    record = sr.create_vdi("disk", 8 << 20)
+    with sr.writer(record.uuid) as w:
+        for chunk in range(64):
+            w.write_chunk(chunk, bytes(CHUNK_SIZE))
+        w.commit()
+    assert sr.get_vdi(record.uuid).physical_utilisation == 0
+    assert sum(f.stat().st_size for f in sr.packs_dir.iterdir()) == 0
+
+
+def test_snapshot_is_a_point_in_time_and_shares_data(sr: LocalSR) -> None:
+    record = sr.create_vdi("disk", 8 << 20)
+    first = os.urandom(CHUNK_SIZE)
+    with sr.writer(record.uuid) as w:
+        w.write_chunk(5, first)
+        w.commit()
+    used = sum(f.stat().st_size for f in sr.packs_dir.iterdir())
+    snap = sr.snapshot(record.uuid, "monday")
+    assert sum(f.stat().st_size for f in sr.packs_dir.iterdir()) == used
+    with sr.writer(record.uuid) as w:
+        w.write_chunk(5, os.urandom(CHUNK_SIZE))
+        w.commit()
+    snap_state = sr.snapshot_state(snap.uuid)
+    assert sr.read(snap_state[1], 5 * CHUNK_SIZE, CHUNK_SIZE) == first
+    live = sr.snapshot_state(record.uuid)
+    assert sr.read(live[1], 5 * CHUNK_SIZE, CHUNK_SIZE) != first
+    assert snap_state[0].is_a_snapshot and snap_state[0].snapshot_of == record.uuid
+    assert sr.get_vdi(record.uuid).snapshots == (snap.uuid,)
+    with pytest.raises(ReadOnly):
+        sr.writer(snap.uuid)
+
+
+def test_identical_content_keeps_its_identity(sr: LocalSR) -> None:
+    record = sr.create_vdi("disk", 4 << 20)
+    data = os.urandom(CHUNK_SIZE)
+    with sr.writer(record.uuid) as w:
+        w.write_chunk(0, data)
+        w.commit()
+    snap = sr.snapshot(record.uuid)
+    with sr.writer(record.uuid, replace=True) as w:
+        w.write_chunk(0, data)
+        w.commit()
+    live_map = sr.snapshot_state(record.uuid)[1]
+    snap_map = sr.snapshot_state(snap.uuid)[1]
+    assert live_map.diff(snap_map).blocks.tolist() == []
+
+
+def test_destroy_keeps_snapshots_and_their_data(sr: LocalSR) -> None:
+    record = sr.create_vdi("disk", 4 << 20)
+    data = os.urandom(CHUNK_SIZE)
+    with sr.writer(record.uuid) as w:
+        w.write_chunk(1, data)
+        w.commit()
+    snap = sr.snapshot(record.uuid)
+    sr.destroy(record.uuid)
+    with pytest.raises(NotFound):
+        sr.get_vdi(record.uuid)
+    assert sr.garbage_collect() == (0, 0)
+    assert sr.read(sr.snapshot_state(snap.uuid)[1], CHUNK_SIZE, CHUNK_SIZE) == data
+
+
+def test_failed_commit_leaves_the_vdi_unchanged(sr: LocalSR) -> None:
+    record = sr.create_vdi("disk", 4 << 20)
+    before = sr.snapshot_state(record.uuid)
+    w = sr.writer(record.uuid)
+    w.write_chunk(0, os.urandom(CHUNK_SIZE))
+    sr.destroy(record.uuid)  # the target vanishes under the writer
+    with pytest.raises(NotFound):
+        w.commit()
+    assert before[0].generation == 1
+    assert list(sr.packs_dir.iterdir()) == []  # staged data was dropped
+
+
+def test_snapshot_of_20_gib_copies_rows_not_data(sr: LocalSR) -> None:
+    """20 GiB of data: 10240 rows.  Rows point at one stored chunk (content
+    addressing), so the test is cheap; the snapshot copies rows only."""
+    record = sr.create_vdi("big", 20 << 30)
+    with sr.writer(record.uuid) as w:
+        w.write_chunk(0, os.urandom(CHUNK_SIZE))
+        w.commit()
+    row = sr.db.execute("SELECT chunks FROM blocks WHERE vdi = ?", (record.id,)).fetchone()[0]
+    chunk_id = row[:8]
+    full_row = chunk_id * (ROW_BYTES // 8)
+    with sr.transaction() as db:
+        db.executemany(
+            "INSERT OR REPLACE INTO blocks(vdi, idx, mask, chunks) VALUES (?, ?, ?, ?)",
+            ((record.id, i, 0xFFFFFFFF, full_row) for i in range(10240)),
+        )
+    data_before = sum(f.stat().st_size for f in sr.packs_dir.iterdir())
+    start = time.perf_counter()
+    snap = sr.snapshot(record.uuid)
+    elapsed = time.perf_counter() - start
+    assert sum(f.stat().st_size for f in sr.packs_dir.iterdir()) == data_before
+    assert sr.snapshot_state(snap.uuid)[1].chunk_count == 10240 * 32
+    print(f"snapshot of 20 GiB of data: {elapsed * 1000:.1f} ms")
+
+
+SNAPSHOT_LOOP = """
+import sys
+from vdifs.storage.local import LocalSR
+sr = LocalSR(sys.argv[1])
+uuid = sys.argv[2]
+print("ready", flush=True)
+while True:
+    sr.snapshot(uuid)
+"""
+
+
+def test_killed_mid_snapshot_reopens_consistent(sr_path: Path) -> None:
+    sr = LocalSR(sr_path)
+    record = sr.create_vdi("disk", 4 << 30)
+    with sr.writer(record.uuid) as w:
+        for chunk in range(0, 65536, 3):
+            w.write_chunk(chunk, chunk.to_bytes(8, "little") * (CHUNK_SIZE // 8))
+        w.commit()
+    rows = sr.db.execute("SELECT COUNT(*) FROM blocks WHERE vdi = ?", (record.id,)).fetchone()[0]
+    sr.close()
+    for delay in (0.05, 0.13, 0.3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SNAPSHOT_LOOP, str(sr_path), record.uuid],
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+    sr = LocalSR(sr_path)
+    snapshots = [r for r in sr.list_vdis() if r.is_a_snapshot]
+    assert snapshots, "no snapshot was completed"
+    for snap in snapshots:
+        count = sr.db.execute("SELECT COUNT(*) FROM blocks WHERE vdi = ?", (snap.id,)).fetchone()
+        assert count[0] == rows, "a half-made snapshot survived"
+    orphans = sr.db.execute("SELECT COUNT(*) FROM blocks WHERE vdi NOT IN (SELECT id FROM vdis)")
+    assert orphans.fetchone()[0] == 0
+    sr.close()
+
+
+def test_stale_packs_from_a_crash_are_removed(sr_path: Path) -> None:
+    sr = LocalSR(sr_path)
+    record = sr.create_vdi("disk", 4 << 20)
+    w = sr.writer(record.uuid)
+    w.write_chunk(0, os.urandom(CHUNK_SIZE))
+    (left_behind,) = sr.packs_dir.iterdir()
+    w._close_packs(unlink=False)  # what a crash before commit leaves
+    old = time.time() - 3600
+    os.utime(left_behind, (old, old))
+    sr.close()
+    LocalSR(sr_path).close()
+    assert not left_behind.exists()
