@@ -160,6 +160,61 @@ def cmd_export(sr: LocalSR, args: argparse.Namespace) -> None:
         raise
 
 
+def cmd_import(sr: LocalSR, args: argparse.Namespace) -> None:
+    from vdifs.imports import IMAGE_EXTENSIONS, file_reader, run_import
+
+    path = Path(args.file)
+    fmt = args.format
+    if fmt == "auto":
+        guessed = IMAGE_EXTENSIONS.get(path.suffix.lower())
+        if guessed is None:
+            raise InvalidArgument(
+                f"cannot tell the format of {path.name} from its extension (.vhd, .qcow2, .raw,"
+                " .img); vdifs never guesses from content: pass --format"
+            )
+        fmt = guessed
+    from vdifs.uploads import target_lock
+
+    target = None if args.create else resolve_vdi(sr, args.vdi).uuid
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
+    lock_fd = target_lock(sr, target if target is not None else f"new-{args.vdi}")
+    try:
+        size = os.fstat(fd).st_size
+        progress = Progress(size, sys.stderr) if args.progress and sys.stderr.isatty() else None
+        result = run_import(
+            sr,
+            name=path.name,
+            fmt=fmt,
+            read_at=file_reader(fd),
+            size=size,
+            target=target,
+            new_name=args.vdi if args.create else None,
+            force=args.force,
+            progress=progress,
+        )
+    finally:
+        os.close(fd)
+        os.close(lock_fd)
+    print(result.target)
+
+
+def cmd_import_status(sr: LocalSR, args: argparse.Namespace) -> None:
+    from vdifs.imports import import_status
+
+    items = import_status(sr, args.limit)
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return
+    for item in items:
+        outcome = item["state"]
+        if item["error"]:
+            outcome += f" ({item.get('errno_name', '')}: {item['error']})"
+        print(f"{item['id']:>5}  {item['started']}  {item['name']} -> {item['target']}  {outcome}")
+
+
 def cmd_mount(sr: LocalSR | None, args: argparse.Namespace) -> None:
     from vdifs.fs import mount
 
@@ -276,6 +331,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("raw", "vhd", "qcow2"), default="raw")
     p.add_argument("--base", help="export only what changed since this snapshot (a delta)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on a terminal")
+
+    p = add(sub, "import", cmd_import, "apply a VHD, qcow2 or raw file to a VDI (xe vdi-import)")
+    p.add_argument("vdi", help="target uuid (or unambiguous name); with --create, the new name")
+    p.add_argument("file", help="the image file")
+    p.add_argument(
+        "--format",
+        choices=("auto", "raw", "vhd", "qcow2"),
+        default="auto",
+        help="auto (default) takes the file's extension; content is never guessed",
+    )
+    p.add_argument("--create", action="store_true", help="create a new VDI sized from the image")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="apply a delta even if the target does not hold the base it names",
+    )
+    p.add_argument("--progress", action="store_true", help="show a progress bar on a terminal")
+    p = add(sub, "import-status", cmd_import_status, "the outcome of recent imports")
+    p.add_argument("--json", action="store_true", help="a JSON array, newest first")
+    p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
 
     p = add(sub, "mount", cmd_mount, "mount the SR's tree on MOUNTPOINT")
     p.add_argument("mountpoint")

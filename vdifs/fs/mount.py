@@ -81,6 +81,7 @@ def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None
         pyfuse3.close(unmount=False)
         raise
     pyfuse3.close(unmount=True)
+    tree.uploads.close_all()
     sr.close()
 
 

@@ -32,6 +32,7 @@ from vdifs.exports import Export
 from vdifs.fs.tree import ROOT, Node, Tree
 from vdifs.livedisk import DIRTY_LIMIT, LiveDisk
 from vdifs.storage.local import WouldBlock
+from vdifs.uploads import Upload, apply_or_explain
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,10 @@ async def nonblocking(fn: Callable[[bool], T]) -> T:
 @dataclass
 class Handle:
     node: Node
-    export: Export | None  # pinned at open for read-only views
-    live: LiveDisk | None  # a live raw.img opened for writing or reading
+    export: Export | None = None  # pinned at open for read-only views
+    live: LiveDisk | None = None  # a live raw.img opened for writing or reading
+    upload: Upload | None = None  # a file being written into import/
+    data: bytes | None = None  # small generated files (info.json), pinned at open
 
 
 class VdifsOperations(pyfuse3.Operations):
@@ -92,7 +95,6 @@ class VdifsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._live: dict[str, LiveDisk] = {}
         self._flush_locks: dict[str, trio.Lock] = {}
-        self._info_cache: dict[int, bytes] = {}  # info.json bytes pinned per handle
         self.uid = os.geteuid()
         self.gid = os.getegid()
 
@@ -160,6 +162,11 @@ class VdifsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        if node[0] == "upload":
+            # Uploads take truncation (O_TRUNC, rsync); modes and times are ignored.
+            if fields.update_size:
+                self.tree.uploads.get(node[1]).truncate(attr.st_size)
+            return self._entry(node)
         if fields.update_size and attr.st_size != self.tree.attr(node).size:
             # A disk's size is fixed; truncation (cp's O_TRUNC) would destroy it.
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -239,12 +246,19 @@ class VdifsOperations(pyfuse3.Operations):
         kind = node[0]
         fh = self._next_fh
         self._next_fh += 1
-        if kind == "info":
+        if kind in ("info", "status"):
             if write:
-                raise ReadOnly("info.json is read-only")
-            data = self.tree.info_json(node[1])
-            self._handles[fh] = Handle(node, None, None)
-            self._info_cache[fh] = data
+                raise ReadOnly(f"{kind} files are read-only")
+            data = (
+                self.tree.info_json(node[1]) if kind == "info" else self.tree.status_json(node[1])
+            )
+            self._handles[fh] = Handle(node, data=data)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        if kind == "upload":
+            upload = self.tree.uploads.get(node[1])
+            upload.handles += 1
+            upload.writers.add(ctx.pid)
+            self._handles[fh] = Handle(node, upload=upload)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         export: Export | None = self.tree.open_export(node, write=write)
         immutable = self.tree.is_immutable(node)
@@ -261,8 +275,10 @@ class VdifsOperations(pyfuse3.Operations):
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
-        if handle.node[0] == "info":
-            return self._info_cache[fh][off : off + size]
+        if handle.data is not None:
+            return handle.data[off : off + size]
+        if handle.upload is not None:
+            return handle.upload.read(off, size)
         if handle.live is not None:
             live = handle.live
             return await nonblocking(lambda nowait: live.read(off, size, nowait=nowait))
@@ -273,6 +289,8 @@ class VdifsOperations(pyfuse3.Operations):
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
+        if handle.upload is not None:
+            return handle.upload.write(off, buf)
         live = handle.live
         if live is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -294,11 +312,24 @@ class VdifsOperations(pyfuse3.Operations):
                 live.end_flush(ok=ok)
             self._invalidate(live.uuid, skip_raw=True)
 
+    async def _apply_upload(self, upload: Upload) -> None:
+        """Apply a finished upload off the loop; its error becomes this call's errno."""
+        try:
+            result = await trio.to_thread.run_sync(
+                apply_or_explain, upload, limiter=BACKEND_LIMITER
+            )
+        finally:
+            self.tree.refresh()
+        log.info("imported %s into %s", upload.name, result.target)
+
     @_errors
     async def flush(self, fh: int) -> None:
         handle = self._handles[fh]
         if handle.live is not None:
             await self._flush_live(handle.live)
+        upload = handle.upload
+        if upload is not None and upload.ready and upload.handles == 1:
+            await self._apply_upload(upload)
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -307,13 +338,71 @@ class VdifsOperations(pyfuse3.Operations):
     @_errors
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
-        self._info_cache.pop(fh, None)
+        if handle.upload is not None:
+            handle.upload.handles -= 1
+            if handle.upload.applied:
+                self.tree.uploads.finish(handle.upload)
         live = handle.live
         if live is not None:
             live.open_handles -= 1
             await self._flush_live(live)
             if live.open_handles == 0 and not live.dirty:
                 self._live.pop(live.uuid, None)
+
+    # -- import/ ------------------------------------------------------------------------
+
+    def _import_dir(self, inode: int) -> None:
+        if self._node(inode)[0] != "import":
+            raise pyfuse3.FUSEError(errno.EACCES if not self.tree.read_only else errno.EROFS)
+
+    @_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._import_dir(parent_inode)
+        upload = self.tree.uploads.create(os.fsdecode(name), ctx.pid)
+        upload.handles += 1
+        node = ("upload", upload.name)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(node, upload=upload)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), self._entry(node)
+
+    @_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._import_dir(parent_inode_old)
+        self._import_dir(parent_inode_new)
+        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        old_node = ("upload", old)
+        upload = self.tree.uploads.rename(old, new)
+        # The inode follows the file to its new name.
+        ino = self._inodes.pop(old_node, None)
+        if ino is not None:
+            self._inodes[("upload", new)] = ino
+            self._nodes[ino] = ("upload", new)
+            for handle in self._handles.values():
+                if handle.upload is upload:
+                    handle.node = ("upload", new)
+        if upload.ready and upload.handles == 0:
+            try:
+                await self._apply_upload(upload)
+            finally:
+                self.tree.uploads.finish(upload)
+
+    @_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._import_dir(parent_inode)
+        upload = self.tree.uploads.get(os.fsdecode(name))
+        upload.applied = True  # never apply what was deleted
+        self.tree.uploads.remove(upload)
 
     # -- watching the SR ----------------------------------------------------------------
 

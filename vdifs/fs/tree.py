@@ -19,7 +19,9 @@ from typing import Any
 
 from vdifs.errors import NotFound, ReadOnly
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
+from vdifs.imports import import_status
 from vdifs.storage.local import LocalSR, VdiRecord
+from vdifs.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ ROOT: Node = ("root",)
 VDIS: Node = ("vdis",)
 BY_NAME: Node = ("by-name",)
 IMPORT: Node = ("import",)
+STATUS_DIR: Node = ("status-dir",)
+STATUS_HISTORY = 100  # imports whose outcome import/.status/ shows
 
 IMMUTABLE_TIMEOUT = 300.0  # snapshot files never change
 MUTABLE_TIMEOUT = 1.0  # the mount shows CLI changes within a second
@@ -62,6 +66,7 @@ class Tree:
         self._data_version = -1
         self._states: OrderedDict[tuple[str, int], DiskState] = OrderedDict()
         self._exports: OrderedDict[tuple[Any, ...], Export] = OrderedDict()
+        self.uploads = Uploads(sr, read_only)
         self.refresh(force=True)
 
     # -- refreshing from the SR ---------------------------------------------------
@@ -196,12 +201,36 @@ class Tree:
         if kind == "by-name":
             return [(name, ("name", name)) for name in sorted(self.names)]
         if kind == "import":
-            return []
+            return [(".status", STATUS_DIR)] + [
+                (name, ("upload", name)) for name in sorted(self.uploads.entries)
+            ]
+        if kind == "status-dir":
+            return [(f"{name}.json", ("status", name)) for name in self.import_outcomes()]
         raise NotFound("not a directory")
+
+    def import_outcomes(self) -> dict[str, dict[str, Any]]:
+        """The latest outcome of each recent import, by uploaded file name."""
+        latest: dict[str, dict[str, Any]] = {}
+        for item in import_status(self.sr, STATUS_HISTORY):
+            latest.setdefault(item["name"], item)
+        return latest
+
+    def status_json(self, name: str) -> bytes:
+        try:
+            item = self.import_outcomes()[name]
+        except KeyError:
+            raise NotFound(name) from None
+        return (json.dumps(item, indent=2) + "\n").encode()
 
     def lookup(self, parent: Node, name: str) -> Node:
         kind = parent[0]
         # Direct answers for the large directories, without listing them.
+        if kind == "import":
+            if name == ".status":
+                return STATUS_DIR
+            if name in self.uploads.entries:
+                return ("upload", name)
+            raise NotFound(name)
         if kind == "vdis":
             if name in self.records:
                 return ("vdi", name)
@@ -224,10 +253,14 @@ class Tree:
 
     def exists(self, node: Node) -> bool:
         kind = node[0]
-        if kind in ("root", "vdis", "by-name", "import"):
+        if kind in ("root", "vdis", "by-name", "import", "status-dir"):
             return True
         if kind == "name":
             return node[1] in self.names
+        if kind == "upload":
+            return node[1] in self.uploads.entries
+        if kind == "status":
+            return True
         if len(node) > 1 and node[1] not in self.records:
             return False
         if kind == "delta":
@@ -241,8 +274,13 @@ class Tree:
         if kind in ("root", "vdis", "by-name", "vdi", "deltas"):
             mtime = self.record(node[1]).changed_ns if kind == "vdi" else self.changed_ns
             return Attr(stat.S_IFDIR | 0o755, 0, mtime)
-        if kind == "import":
+        if kind in ("import", "status-dir"):
             return Attr(stat.S_IFDIR | 0o700, 0, self.changed_ns)
+        if kind == "upload":
+            upload = self.uploads.get(node[1])
+            return Attr(stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, -(-upload.size // 512))
+        if kind == "status":
+            return Attr(stat.S_IFREG | 0o400, len(self.status_json(node[1])), self.changed_ns)
         if kind == "name":
             target = f"../vdis/{self.names[node[1]]}"
             return Attr(stat.S_IFLNK | 0o777, len(target), self.changed_ns, target=target)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vdifs.errors import (
+    Busy,
     InvalidArgument,
     NoSpace,
     NotFound,
@@ -71,7 +72,11 @@ CREATE TABLE IF NOT EXISTS vdis(
     created TEXT NOT NULL,
     changed_ns INTEGER NOT NULL,
     generation INTEGER NOT NULL DEFAULT 1,
-    allocated_chunks INTEGER NOT NULL DEFAULT 0
+    allocated_chunks INTEGER NOT NULL DEFAULT 0,
+    -- the image most recently imported, so a delta made on top of it applies
+    import_identity BLOB,
+    import_name TEXT,
+    import_generation INTEGER
 );
 CREATE INDEX IF NOT EXISTS vdis_lineage ON vdis(lineage);
 CREATE TABLE IF NOT EXISTS blocks(
@@ -83,6 +88,20 @@ CREATE TABLE IF NOT EXISTS blocks(
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks(digest BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY, slots INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS imports(
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    target TEXT,
+    format TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    errno INTEGER,
+    bytes_received INTEGER NOT NULL DEFAULT 0,
+    chunks_applied INTEGER NOT NULL DEFAULT 0,
+    started TEXT NOT NULL,
+    finished TEXT,
+    seconds REAL
+);
 """
 
 
@@ -447,6 +466,16 @@ class LocalSR:
     def writer(self, uuid: str, *, replace: bool = False) -> ChunkWriter:
         return ChunkWriter(self, uuid, replace=replace)
 
+    def last_import(self, uuid: str) -> tuple[bytes | None, str | None, int | None]:
+        """(identity, file name, generation after it) of the last image imported."""
+        row = self.db.execute(
+            "SELECT import_identity, import_name, import_generation FROM vdis WHERE uuid = ?",
+            (uuid,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no VDI with uuid {uuid}")
+        return row[0], row[1], row[2]
+
     # -- housekeeping -----------------------------------------------------------
 
     def remove_stale_packs(self) -> int:
@@ -512,14 +541,34 @@ class ChunkWriter:
     commit makes every chunk that was not written zero (a full image).
     """
 
-    def __init__(self, sr: LocalSR, uuid: str, *, replace: bool) -> None:
+    def __init__(
+        self,
+        sr: LocalSR,
+        uuid: str | None,
+        *,
+        replace: bool,
+        new_vdi: tuple[str, int] | None = None,
+    ) -> None:
         self.sr = sr
-        self.uuid = uuid
         self.replace = replace
-        record = sr.get_vdi(uuid)
-        if record.is_a_snapshot:
-            raise ReadOnly(f"VDI {uuid} is a snapshot and cannot change")
-        self.virtual_size = record.virtual_size
+        self.new_vdi = new_vdi
+        if new_vdi is not None:
+            # A new VDI appears only when the commit does: never half-made.
+            name, size = new_vdi
+            check_name(name)
+            self.uuid = str(uuidlib.uuid4())
+            self.virtual_size = check_size(size)
+            self.expect_generation: int | None = None
+        else:
+            assert uuid is not None
+            record = sr.get_vdi(uuid)
+            if record.is_a_snapshot:
+                raise ReadOnly(f"VDI {uuid} is a snapshot and cannot change")
+            self.uuid = uuid
+            self.virtual_size = record.virtual_size
+            self.expect_generation = None
+        self.import_identity: bytes | None = None
+        self.import_name: str | None = None
         self._rows: dict[int, bytearray] = {}
         self._written: dict[int, int] = {}  # block -> mask of chunks written
         self._new_digests: dict[bytes, int] = {}
@@ -534,7 +583,7 @@ class ChunkWriter:
             try:
                 fd = os.open(
                     self.sr._pack_path(pack),
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                     0o600,
                 )
             except FileExistsError:
@@ -583,6 +632,17 @@ class ChunkWriter:
         self._written[block] = self._written.get(block, 0) | 1 << c
         self.chunks_written += 1
 
+    def staged_chunk(self, chunk: int) -> bytes | None:
+        """This writer's content for a chunk, or None if it has not written it."""
+        block, c = divmod(chunk, CHUNKS_PER_BLOCK)
+        if not self._written.get(block, 0) >> c & 1:
+            return None
+        chunk_id = int.from_bytes(self._rows[block][c * 8 : c * 8 + 8], "little")
+        for pack, fd, _slots in self._packs:
+            if chunk_id >> 32 == pack:
+                return os.pread(fd, CHUNK_SIZE, (chunk_id & 0xFFFFFFFF) * CHUNK_SIZE)
+        return self.sr.read_chunk(chunk_id)
+
     def commit(self) -> VdiRecord:
         if self._done:
             raise RuntimeError("writer already finished")
@@ -591,9 +651,27 @@ class ChunkWriter:
                 os.fsync(fd)
             now = time.time_ns()
             with self.sr.transaction() as db:
+                if self.new_vdi is not None:
+                    db.execute(
+                        "INSERT INTO vdis(uuid, name_label, virtual_size, lineage, created,"
+                        " changed_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            self.uuid,
+                            self.new_vdi[0],
+                            self.virtual_size,
+                            self.uuid,
+                            utc_iso(now),
+                            now,
+                        ),
+                    )
                 record = self.sr.get_vdi(self.uuid)
                 if record.is_a_snapshot:
                     raise ReadOnly(f"VDI {self.uuid} is a snapshot and cannot change")
+                if (
+                    self.expect_generation is not None
+                    and record.generation != self.expect_generation
+                ):
+                    raise Busy(f"VDI {self.uuid} changed while the import ran; nothing applied")
                 for pack, _fd, slots in self._packs:
                     db.execute("INSERT INTO packs(id, slots) VALUES (?, ?)", (pack, slots))
                 db.executemany(
@@ -636,6 +714,12 @@ class ChunkWriter:
                     " allocated_chunks = ? WHERE id = ?",
                     (max(now, record.changed_ns + 1), count, record.id),
                 )
+                if self.import_name is not None:
+                    db.execute(
+                        "UPDATE vdis SET import_identity = ?, import_name = ?,"
+                        " import_generation = generation WHERE id = ?",
+                        (self.import_identity, self.import_name, record.id),
+                    )
             result = self.sr.get_vdi(self.uuid)
         except BaseException:
             self.abort()

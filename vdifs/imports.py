@@ -1,0 +1,427 @@
+"""Applying an uploaded VHD, qcow2 or raw image to a VDI, in one transaction.
+
+The engine reads an image through an injected ``read_at`` (a staged upload
+in the SR, or the user's file for ``vdifs import``), lets the format's parser
+validate it and list its writes, assembles them into 64 KiB chunks and hands
+those to a :class:`~vdifs.storage.local.ChunkWriter`.  Nothing touches the
+target until the writer commits; any error before that drops what was
+staged.  Every attempt is recorded in the SR's ``imports`` table, which the
+mount shows as ``import/.status/`` and the CLI as ``vdifs import-status``.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import logging
+import os
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Protocol
+
+from vdifs.errors import (
+    InvalidArgument,
+    MalformedImage,
+    ReadOnly,
+    TooLarge,
+    VdifsError,
+    WrongBase,
+)
+from vdifs.formats.base import CHUNK_SIZE
+from vdifs.storage.blockmap import BlockMap
+from vdifs.storage.local import ChunkWriter, LocalSR, VdiRecord, utc_iso
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".vhd": "vhd", ".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
+OPEN_CHUNK_LIMIT = 1024  # partly written chunks held in memory (64 MiB) before spilling
+READ_PIECE = 1 << 20
+
+
+class ImageWrite(Protocol):
+    @property
+    def virtual_offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def file_offset(self) -> int | None: ...
+
+
+class ParsedImage(Protocol):
+    @property
+    def virtual_size(self) -> int: ...
+    @property
+    def is_delta(self) -> bool: ...
+    @property
+    def identity(self) -> bytes | None: ...
+    @property
+    def parent_identity(self) -> bytes | None: ...
+    @property
+    def parent_name(self) -> str | None: ...
+    def writes(self) -> Iterator[Any]: ...
+
+
+ReadAt = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True)
+class ImportName:
+    """What a file name in ``import/`` asks for."""
+
+    fmt: str
+    target: str | None  # an existing VDI's uuid
+    new_name: str | None  # or the name of a VDI to create
+
+
+def parse_import_name(name: str, known_uuids: set[str] | None = None) -> ImportName | None:
+    """``<uuid>.vhd`` applies into that VDI, ``<name>.vhd`` creates ``<name>``.
+
+    Any other name (an editor's or rsync's temporary file) returns None: it
+    is staged until renamed onto a valid name.
+    """
+    stem, dot, ext = name.rpartition(".")
+    fmt = IMAGE_EXTENSIONS.get(f".{ext.lower()}") if dot else None
+    if fmt is None or not stem or stem.startswith("."):
+        return None
+    try:
+        is_uuid = str(uuidlib.UUID(stem)) == stem.lower()
+    except ValueError:
+        is_uuid = False
+    if is_uuid and (known_uuids is None or stem.lower() in known_uuids):
+        return ImportName(fmt, stem.lower(), None)
+    return ImportName(fmt, None, stem)
+
+
+def parse_image(fmt: str, read_at: ReadAt, size: int) -> ParsedImage | None:
+    """The parsed image, or None for raw (which has no structure)."""
+    if fmt == "vhd":
+        from vdifs.formats.vhd_parse import parse_vhd
+
+        return parse_vhd(read_at, size)
+    if fmt == "qcow2":
+        from vdifs.formats.qcow2_parse import parse_qcow2
+
+        return parse_qcow2(read_at, size)
+    if fmt == "raw":
+        return None
+    raise InvalidArgument(f"unknown format {fmt!r}")
+
+
+class Applier:
+    """Turns writes at any alignment into whole chunks for a ChunkWriter.
+
+    A chunk that a write covers whole goes to the writer at once.  A partly
+    covered chunk starts from its current content (the writer's staged copy,
+    else zeros for a full image or the target's content for a delta) and waits
+    in memory for the rest; past :data:`OPEN_CHUNK_LIMIT` the oldest is staged
+    and read back if more of it arrives.
+    """
+
+    def __init__(self, sr: LocalSR, writer: ChunkWriter, base: BlockMap | None) -> None:
+        self.sr = sr
+        self.writer = writer
+        self.base = base  # None: a full image, whatever is not written is zero
+        self.open: dict[int, bytearray] = {}
+        self.bytes_applied = 0
+
+    def _current(self, chunk: int) -> bytearray:
+        staged = self.writer.staged_chunk(chunk)
+        if staged is not None:
+            return bytearray(staged)
+        if self.base is None:
+            return bytearray(CHUNK_SIZE)
+        return bytearray(self.sr.read_chunk(self.base.chunk_id(chunk)))
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            chunk, within = divmod(offset + pos, CHUNK_SIZE)
+            take = min(CHUNK_SIZE - within, len(view) - pos)
+            if take == CHUNK_SIZE:
+                self.open.pop(chunk, None)
+                self.writer.write_chunk(chunk, bytes(view[pos : pos + take]))
+            else:
+                buf = self.open.get(chunk)
+                if buf is None:
+                    buf = self.open[chunk] = self._current(chunk)
+                buf[within : within + take] = view[pos : pos + take]
+                if len(self.open) > OPEN_CHUNK_LIMIT:
+                    oldest = next(iter(self.open))
+                    self.writer.write_chunk(oldest, bytes(self.open.pop(oldest)))
+            pos += take
+        self.bytes_applied += len(view)
+
+    def finish(self) -> None:
+        for chunk, buf in self.open.items():
+            self.writer.write_chunk(chunk, bytes(buf))
+        self.open.clear()
+
+
+@dataclass
+class ImportResult:
+    id: int
+    target: str
+    chunks_applied: int
+    bytes_applied: int
+    seconds: float
+
+
+def _inflate(read_at: ReadAt, write: Any) -> bytes:
+    from vdifs.formats.qcow2_parse import inflate_cluster
+
+    return inflate_cluster(read_at(write.file_offset, write.compressed_length), write.length)
+
+
+def check_base(
+    sr: LocalSR,
+    target: VdiRecord,
+    target_map: BlockMap,
+    parsed: ParsedImage,
+    name: str,
+) -> None:
+    """Refuse a delta unless the target holds exactly the base it was made on."""
+    parent_id = parsed.parent_identity
+    parent_file = PurePosixPath(parsed.parent_name or "").name
+    parent_stem = parent_file.rpartition(".")[0] or parent_file
+    for record in sr.list_vdis():
+        if not record.is_a_snapshot:
+            continue
+        named = record.state_uuid.bytes == parent_id or (
+            parent_id is None and parent_stem == record.uuid
+        )
+        if named:
+            if not target_map.diff(sr.block_map(record)).blocks:
+                return
+            raise WrongBase(
+                f"{name} is a delta on snapshot {record.uuid}, but VDI {target.uuid} no longer"
+                " holds that snapshot's content (use vdifs import --force to apply it anyway)"
+            )
+    identity, last_name, generation = sr.last_import(target.uuid)
+    if generation == target.generation and (
+        (parent_id is not None and identity == parent_id)
+        or (parent_id is None and parent_file and parent_file == last_name)
+    ):
+        return
+    what = f"parent {uuidlib.UUID(bytes=parent_id)}" if parent_id else f"backing {parent_file!r}"
+    raise WrongBase(
+        f"{name} is a delta ({what}) and VDI {target.uuid} does not hold its base: import the"
+        " base first, or use vdifs import --force"
+    )
+
+
+def run_import(
+    sr: LocalSR,
+    *,
+    name: str,
+    fmt: str,
+    read_at: ReadAt,
+    size: int,
+    target: str | None,
+    new_name: str | None = None,
+    force: bool = False,
+    bytes_received: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Validate and apply one image; record the outcome whatever it is."""
+    started = time.monotonic()
+    import_id = _record_start(
+        sr, name, target, fmt, size if bytes_received is None else bytes_received
+    )
+    writer: ChunkWriter | None = None
+    try:
+        parsed = parse_image(fmt, read_at, size)
+        image_size = size if parsed is None else parsed.virtual_size
+        is_delta = parsed is not None and parsed.is_delta
+        if target is None:
+            if is_delta:
+                raise InvalidArgument(
+                    f"{name} is a delta: it can only be imported into the VDI holding its base"
+                )
+            if image_size == 0:
+                raise InvalidArgument(f"{name} is empty: nothing to create a VDI from")
+            writer = ChunkWriter(sr, None, replace=True, new_vdi=(new_name or name, image_size))
+            base_map = None
+        else:
+            record, target_map = sr.snapshot_state(target)
+            if record.is_a_snapshot:
+                raise ReadOnly(f"VDI {target} is a snapshot: it cannot be imported into")
+            if image_size > record.virtual_size:
+                raise TooLarge(
+                    f"{name} holds {image_size} bytes but VDI {target} has {record.virtual_size}"
+                )
+            if is_delta and not force:
+                assert parsed is not None
+                check_base(sr, record, target_map, parsed, name)
+            # A full image replaces the disk; raw and deltas change what they carry.
+            replace = parsed is not None and not is_delta
+            writer = ChunkWriter(sr, target, replace=replace)
+            writer.expect_generation = record.generation
+            base_map = None if replace else target_map
+        writer.import_identity = parsed.identity if parsed is not None else None
+        writer.import_name = PurePosixPath(name).name
+        applier = Applier(sr, writer, base_map)
+        if parsed is None:
+            for offset in range(0, size, READ_PIECE):
+                data = read_at(offset, min(READ_PIECE, size - offset))
+                if len(data) != min(READ_PIECE, size - offset):
+                    raise MalformedImage(f"{name} ended early at byte {offset + len(data)}")
+                applier.write(offset, data)
+                if progress:
+                    progress(offset + len(data))
+        else:
+            _apply_writes(parsed, read_at, applier, progress)
+        applier.finish()
+        record = writer.commit()
+    except VdifsError as exc:
+        if writer is not None:
+            writer.abort()
+        _record_end(sr, import_id, "failed", str(exc), exc.errno, 0, time.monotonic() - started)
+        raise
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()
+        _record_end(
+            sr,
+            import_id,
+            "failed",
+            f"internal error: {exc!r}",
+            errno_module.EIO,
+            0,
+            time.monotonic() - started,
+        )
+        raise
+    seconds = time.monotonic() - started
+    _record_end(sr, import_id, "done", None, 0, writer.chunks_written, seconds, record.uuid)
+    log.info(
+        "import %s into %s: %d chunks in %.2f s", name, record.uuid, writer.chunks_written, seconds
+    )
+    return ImportResult(
+        import_id, record.uuid, writer.chunks_written, applier.bytes_applied, seconds
+    )
+
+
+def _apply_writes(
+    parsed: ParsedImage, read_at: ReadAt, applier: Applier, progress: Callable[[int], None] | None
+) -> None:
+    limit = parsed.virtual_size
+    for write in parsed.writes():
+        if write.virtual_offset < 0 or write.virtual_offset + write.length > limit:
+            raise MalformedImage("the image writes outside its virtual size")
+        if write.file_offset is None:
+            for pos in range(0, write.length, READ_PIECE):
+                applier.write(
+                    write.virtual_offset + pos, bytes(min(READ_PIECE, write.length - pos))
+                )
+        elif getattr(write, "compressed_length", 0):
+            applier.write(write.virtual_offset, _inflate(read_at, write))
+        else:
+            for pos in range(0, write.length, READ_PIECE):
+                n = min(READ_PIECE, write.length - pos)
+                data = read_at(write.file_offset + pos, n)
+                if len(data) != n:
+                    raise MalformedImage("the image ended inside a data block")
+                applier.write(write.virtual_offset + pos, data)
+        if progress and write.file_offset is not None:
+            progress(write.file_offset + write.length)
+
+
+# -- the status record ------------------------------------------------------------
+
+
+def _record_start(sr: LocalSR, name: str, target: str | None, fmt: str, received: int) -> int:
+    with sr.transaction() as db:
+        cur = db.execute(
+            "INSERT INTO imports(name, target, format, state, bytes_received, started)"
+            " VALUES (?, ?, ?, 'running', ?, ?)",
+            (name, target, fmt, received, utc_iso(time.time_ns())),
+        )
+        # Keep the history bounded.
+        db.execute("DELETE FROM imports WHERE id <= ?", ((cur.lastrowid or 0) - 1000,))
+        return int(cur.lastrowid or 0)
+
+
+def _record_end(
+    sr: LocalSR,
+    import_id: int,
+    state: str,
+    error: str | None,
+    errno: int,
+    chunks: int,
+    seconds: float,
+    target: str | None = None,
+) -> None:
+    try:
+        with sr.transaction() as db:
+            db.execute(
+                "UPDATE imports SET state = ?, error = ?, errno = ?, chunks_applied = ?,"
+                " finished = ?, seconds = ?, target = COALESCE(?, target) WHERE id = ?",
+                (
+                    state,
+                    error,
+                    errno or None,
+                    chunks,
+                    utc_iso(time.time_ns()),
+                    seconds,
+                    target,
+                    import_id,
+                ),
+            )
+    except Exception:
+        log.exception("could not record the outcome of import %d", import_id)
+
+
+def record_interrupted(sr: LocalSR, name: str, request: ImportName | None, size: int) -> None:
+    """Record an upload whose writer died before finishing it."""
+    fmt = request.fmt if request is not None else "unknown"
+    target = request.target if request is not None else None
+    import_id = _record_start(sr, name, target, fmt, size)
+    _record_end(
+        sr,
+        import_id,
+        "failed",
+        "the upload was interrupted (its writer was killed); nothing was applied",
+        errno_module.EINVAL,
+        0,
+        0.0,
+    )
+
+
+def import_status(sr: LocalSR, limit: int = 50) -> list[dict[str, Any]]:
+    rows = sr.db.execute(
+        "SELECT id, name, target, format, state, error, errno, bytes_received, chunks_applied,"
+        " started, finished, seconds FROM imports ORDER BY id DESC LIMIT ?",
+        (limit,),
+    ).fetchall()
+    keys = (
+        "id",
+        "name",
+        "target",
+        "format",
+        "state",
+        "error",
+        "errno",
+        "bytes_received",
+        "chunks_applied",
+        "started",
+        "finished",
+        "seconds",
+    )
+    out = []
+    for row in rows:
+        item = dict(zip(keys, row, strict=True))
+        if item["errno"]:
+            item["errno_name"] = errno_module.errorcode.get(item["errno"], str(item["errno"]))
+        out.append(item)
+    return out
+
+
+def file_reader(fd: int) -> ReadAt:
+    def read_at(offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise MalformedImage("negative offset in image")
+        return os.pread(fd, length, offset)
+
+    return read_at
