@@ -50,10 +50,14 @@ FEATURES_TEMPORARY = 0x00000001
 FILE_FORMAT_VERSION = 0x00010000
 FIXED_DATA_OFFSET = 0xFFFF_FFFF_FFFF_FFFF
 """Footer data offset of a fixed disk: there is no dynamic header."""
+FIXED_DATA_OFFSET_32 = 0xFFFF_FFFF
+"""The spec's own wording ("0xFFFFFFFF") for the same; some writers set only 32 bits."""
 
 DISK_TYPE_FIXED = 2
 DISK_TYPE_DYNAMIC = 3
 DISK_TYPE_DIFFERENCING = 4
+DEPRECATED_DISK_TYPES = frozenset({1, 5, 6})
+"""Listed by the spec as "Reserved (deprecated)"; 0 is "None"."""
 
 CREATOR_APPLICATION = b"CTXS"
 """What vdifs writes as creator application.
