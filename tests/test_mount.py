@@ -21,13 +21,14 @@ pytestmark = needs_fuse
 def test_tree_and_info_json(cli: Cli, mnt: Mount) -> None:
     vdi = cli("vdi", "create", "web", "--size", "10M")
     assert wait_for(lambda: (mnt.path / "vdis" / vdi).exists(), 3)
-    assert sorted(os.listdir(mnt.path)) == ["by-name", "import", "vdis"]
+    assert sorted(os.listdir(mnt.path)) == ["by-name", "import", "vdis", "vms"]
     assert sorted(os.listdir(mnt.vdi(vdi))) == [
         "delta-from",
         "full.qcow2",
         "full.vhd",
         "info.json",
         "raw.img",
+        "snapshots",
     ]
     info = json.loads((mnt.vdi(vdi) / "info.json").read_text())
     assert info["uuid"] == vdi and info["virtual_size"] == 10 << 20

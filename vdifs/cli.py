@@ -115,7 +115,141 @@ def cmd_vdi_show(sr: LocalSR, args: argparse.Namespace) -> None:
 
 
 def cmd_vdi_snapshot(sr: LocalSR, args: argparse.Namespace) -> None:
-    print(sr.snapshot(resolve_vdi(sr, args.vdi).uuid, args.name).uuid)
+    print(sr.snapshot(resolve_vdi(sr, args.vdi).uuid, args.name, args.description).uuid)
+
+
+def _print_tree(
+    items: list[Any], current: str | None, live_label: str | None, as_json: bool, tree: bool
+) -> None:
+    """Shared by VDI and VM snapshot listings (records with uuid/name/parent)."""
+    from vdifs.storage.vms import tree_lines
+
+    if as_json:
+        print(json.dumps([i.to_json() for i in items], indent=2))
+        return
+    if not tree:
+        print(f"{'UUID':36}  {'TIME':20}  {'CUR':3}  NAME")
+        for i in items:
+            mark = "*" if i.uuid == current else ""
+            print(f"{i.uuid:36}  {i.snapshot_time or '':20}  {mark:3}  {i.name_label}")
+        return
+    uuids = {i.uuid for i in items}
+    children: dict[str, list[str]] = {}
+    label = {i.uuid: f"{i.name_label}  {i.snapshot_time}  {i.uuid}" for i in items}
+    roots = []
+    for i in items:
+        if i.parent in uuids:
+            children.setdefault(i.parent, []).append(i.uuid)
+        else:
+            roots.append(i.uuid)
+    if live_label is not None:
+        label["(live)"] = live_label
+        if current is not None and current in uuids:
+            children.setdefault(current, []).append("(live)")
+        else:
+            roots.append("(live)")
+    for line in tree_lines(roots, children, label, current):
+        print(line)
+
+
+def cmd_vdi_snapshot_list(sr: LocalSR, args: argparse.Namespace) -> None:
+    vdi = resolve_vdi(sr, args.vdi)
+    snaps = [sr.get_vdi(u) for u in vdi.snapshots]
+    live = None if vdi.is_a_snapshot else f"(live) {vdi.name_label}"
+    _print_tree(snaps, vdi.current, live, args.json, args.tree)
+
+
+def cmd_vdi_snapshot_delete(sr: LocalSR, args: argparse.Namespace) -> None:
+    snap = resolve_vdi(sr, args.snapshot)
+    for uuid in sr.delete_snapshot(
+        snap.uuid, children=args.children, only_children=args.children_only
+    ):
+        print(uuid)
+
+
+def cmd_vdi_data_destroy(sr: LocalSR, args: argparse.Namespace) -> None:
+    sr.data_destroy(resolve_vdi(sr, args.snapshot).uuid)
+
+
+def _vms(sr: LocalSR) -> Any:
+    from vdifs.storage.vms import Vms
+
+    return Vms(sr)
+
+
+def cmd_vm_create(sr: LocalSR, args: argparse.Namespace) -> None:
+    metadata = ""
+    if args.metadata:
+        metadata = sys.stdin.read() if args.metadata == "-" else Path(args.metadata).read_text()
+    print(_vms(sr).create(args.name, args.description, metadata).uuid)
+
+
+def cmd_vm_attach(sr: LocalSR, args: argparse.Namespace) -> None:
+    vms = _vms(sr)
+    vms.attach(
+        vms.resolve(args.vm, snapshot=False).uuid, resolve_vdi(sr, args.vdi).uuid, args.device
+    )
+
+
+def cmd_vm_detach(sr: LocalSR, args: argparse.Namespace) -> None:
+    vms = _vms(sr)
+    vms.detach(vms.resolve(args.vm, snapshot=False).uuid, args.device)
+
+
+def cmd_vm_list(sr: LocalSR, args: argparse.Namespace) -> None:
+    records = _vms(sr).all(snapshots=False)
+    if args.json:
+        print(json.dumps([r.to_json() for r in records], indent=2))
+        return
+    print(f"{'UUID':36}  {'DISKS':5}  {'SNAPS':5}  NAME")
+    for r in records:
+        print(f"{r.uuid:36}  {len(r.disks):5}  {len(r.snapshots):5}  {r.name_label}")
+
+
+def cmd_vm_show(sr: LocalSR, args: argparse.Namespace) -> None:
+    print(json.dumps(_vms(sr).resolve(args.vm).to_json(), indent=2))
+
+
+def cmd_vm_destroy(sr: LocalSR, args: argparse.Namespace) -> None:
+    vms = _vms(sr)
+    vms.destroy(vms.resolve(args.vm, snapshot=False).uuid)
+
+
+def cmd_vm_snapshot(sr: LocalSR, args: argparse.Namespace) -> None:
+    vms = _vms(sr)
+    vm = vms.resolve(args.vm, snapshot=False)
+    print(vms.snapshot(vm.uuid, args.name, args.description).uuid)
+
+
+def cmd_vm_snapshot_list(sr: LocalSR, args: argparse.Namespace) -> None:
+    vms = _vms(sr)
+    vm = vms.resolve(args.vm, snapshot=False)
+    snaps = [vms.get(u) for u in vm.snapshots]
+    _print_tree(snaps, vm.current, f"(now) {vm.name_label}", args.json, args.tree)
+
+
+def cmd_vm_snapshot_current(sr: LocalSR, args: argparse.Namespace) -> None:
+    vms = _vms(sr)
+    vm = vms.resolve(args.vm, snapshot=False)
+    if vm.current is None:
+        raise NotFound(f"VM {vm.uuid} has no current snapshot")
+    print(vm.current)
+
+
+def cmd_vm_revert(sr: LocalSR, args: argparse.Namespace) -> None:
+    vms = _vms(sr)
+    vm = vms.revert(vms.resolve(args.snapshot, snapshot=True).uuid)
+    for device, vdi in sorted(vm.disks.items()):
+        print(f"{device} {vdi}")
+
+
+def cmd_vm_snapshot_delete(sr: LocalSR, args: argparse.Namespace) -> None:
+    vms = _vms(sr)
+    snap = vms.resolve(args.snapshot, snapshot=True)
+    for uuid in vms.delete_snapshot(
+        snap.uuid, children=args.children, only_children=args.children_only
+    ):
+        print(uuid)
 
 
 def cmd_vdi_clone(sr: LocalSR, args: argparse.Namespace) -> None:
@@ -316,6 +450,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(vdi_sub, "snapshot", cmd_vdi_snapshot, "snapshot a VDI; prints the snapshot's uuid")
     p.add_argument("vdi", help="uuid (or an unambiguous name)")
     p.add_argument("--name", help="the snapshot's name_label (default: the VDI's)")
+    p.add_argument("--description", help="the snapshot's name_description")
+    p = add(vdi_sub, "snapshot-list", cmd_vdi_snapshot_list, "a VDI's snapshots")
+    p.add_argument("vdi", help="uuid (or an unambiguous name)")
+    p.add_argument("--tree", action="store_true", help="as a tree, current marked with *")
+    p.add_argument("--json", action="store_true", help="a JSON array of the records")
+    p = add(
+        vdi_sub,
+        "snapshot-delete",
+        cmd_vdi_snapshot_delete,
+        "delete a snapshot (its children are re-parented); prints what was deleted",
+    )
+    p.add_argument("snapshot", help="uuid (or an unambiguous name)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--children", action="store_true", help="also delete its descendants")
+    group.add_argument("--children-only", action="store_true", help="delete only its descendants")
+    p = add(
+        vdi_sub,
+        "data-destroy",
+        cmd_vdi_data_destroy,
+        "free a snapshot's data but keep it as a delta base (XAPI VDI.data_destroy)",
+    )
+    p.add_argument("snapshot", help="uuid (or an unambiguous name)")
     p = add(vdi_sub, "clone", cmd_vdi_clone, "a writable copy of a VDI; prints its uuid")
     p.add_argument("vdi", help="uuid (or an unambiguous name)")
     p.add_argument("--name", help="the clone's name_label (default: the source's)")
@@ -324,6 +480,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(vdi_sub, "rename", cmd_vdi_rename, "set a VDI's name_label")
     p.add_argument("vdi", help="uuid (or an unambiguous name)")
     p.add_argument("name", help="new name_label")
+
+    vm = sub.add_parser("vm", help="VMs: disks at devices, coherent snapshots, revert")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    p = add(vm_sub, "create", cmd_vm_create, "create a VM; prints its uuid")
+    p.add_argument("name")
+    p.add_argument("--description", default="")
+    p.add_argument("--metadata", help="a file (or - for stdin) holding the VM's config document")
+    p = add(vm_sub, "attach", cmd_vm_attach, "attach a VDI at a device name")
+    p.add_argument("vm")
+    p.add_argument("vdi")
+    p.add_argument("--device", required=True, help="xvda, xvdb, ...")
+    p = add(vm_sub, "detach", cmd_vm_detach, "detach the disk at a device name (the VDI stays)")
+    p.add_argument("vm")
+    p.add_argument("device")
+    p = add(vm_sub, "list", cmd_vm_list, "list VMs")
+    p.add_argument("--json", action="store_true")
+    p = add(vm_sub, "show", cmd_vm_show, "a VM's or VM snapshot's record as JSON")
+    p.add_argument("vm")
+    p = add(vm_sub, "destroy", cmd_vm_destroy, "forget a VM (its VDIs and snapshots stay)")
+    p.add_argument("vm")
+    p = add(
+        vm_sub,
+        "snapshot",
+        cmd_vm_snapshot,
+        "snapshot the VM's metadata and all its disks in one transaction; prints its uuid",
+    )
+    p.add_argument("vm")
+    p.add_argument("--name", help="default: the UTC time")
+    p.add_argument("--description", default="")
+    p = add(vm_sub, "snapshot-list", cmd_vm_snapshot_list, "a VM's snapshots")
+    p.add_argument("vm")
+    p.add_argument("--tree", action="store_true", help="as a tree, current marked with *")
+    p.add_argument("--json", action="store_true")
+    p = add(vm_sub, "snapshot-current", cmd_vm_snapshot_current, "the VM's current snapshot")
+    p.add_argument("vm")
+    p = add(
+        vm_sub,
+        "revert",
+        cmd_vm_revert,
+        "replace the VM's disks with clones of a snapshot's disks; prints device and new VDI",
+    )
+    p.add_argument("snapshot", help="VM snapshot uuid (or an unambiguous name)")
+    p = add(vm_sub, "snapshot-delete", cmd_vm_snapshot_delete, "delete a VM snapshot")
+    p.add_argument("snapshot")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--children", action="store_true", help="also delete its descendants")
+    group.add_argument("--children-only", action="store_true", help="delete only its descendants")
 
     p = add(sub, "export", cmd_export, "write a VDI as raw, VHD or qcow2 (xe vdi-export)")
     p.add_argument("vdi", help="uuid (or an unambiguous name)")
@@ -359,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         dest="options",
         metavar="OPTIONS",
-        help="comma-separated: ro, allow_other, allow_root, auto_unmount, debug",
+        help="comma-separated: ro, allow_other, allow_root, auto_unmount, debug, snapshot_admin",
     )
     p = add(sub, "umount", cmd_umount, "unmount a vdifs mount")
     p.add_argument("mountpoint")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from vdifs.errors import InvalidArgument, TooLarge
+from vdifs.errors import InvalidArgument, NotFound, TooLarge
 from vdifs.formats.base import (
     Allocation,
     ImageIdentity,
@@ -75,6 +75,11 @@ class Export:
         if not format_supports(fmt, state.record.virtual_size):
             raise TooLarge(
                 f"a VHD holds at most 2040 GiB; VDI {state.record.uuid} is larger: use qcow2"
+            )
+        if state.record.data_destroyed:
+            raise NotFound(
+                f"snapshot {state.record.uuid} is a checkpoint: its data was destroyed"
+                " (it still serves as a delta base)"
             )
         if fmt == "raw" and base is not None:
             raise InvalidArgument("a raw image cannot be a delta: use vhd or qcow2")

@@ -30,6 +30,7 @@ BASE_OPTIONS = frozenset(
     {"fsname=vdifs", "subtype=vdifs", "default_permissions", "nosuid", "nodev"}
 )
 PASSTHROUGH = frozenset({"ro", "rw", "allow_other", "allow_root", "auto_unmount", "debug"})
+VDIFS_OPTIONS = frozenset({"snapshot_admin"})  # ours, not passed to FUSE
 MOUNT_WAIT_SECONDS = 20
 
 
@@ -37,10 +38,9 @@ def parse_options(text: str | None) -> set[str]:
     """``-o a,b`` -> FUSE options, refusing anything we would not honour."""
     options = set()
     for opt in filter(None, (text or "").split(",")):
-        if opt not in PASSTHROUGH:
-            raise InvalidArgument(
-                f"unknown mount option {opt!r}; known: {', '.join(sorted(PASSTHROUGH))}"
-            )
+        if opt not in PASSTHROUGH | VDIFS_OPTIONS:
+            known = ", ".join(sorted(PASSTHROUGH | VDIFS_OPTIONS))
+            raise InvalidArgument(f"unknown mount option {opt!r}; known: {known}")
         if opt != "rw":
             options.add(opt)
     return options
@@ -70,9 +70,9 @@ def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None
     if os.path.ismount(mountpoint):
         raise Busy(f"{mountpoint} is already a mount point")
     sr = LocalSR(sr_path)
-    tree = Tree(sr, read_only="ro" in options)
+    tree = Tree(sr, read_only="ro" in options, snapshot_admin="snapshot_admin" in options)
     ops = VdifsOperations(tree)
-    pyfuse3.init(ops, str(mountpoint), set(BASE_OPTIONS | options))
+    pyfuse3.init(ops, str(mountpoint), set(BASE_OPTIONS | (options - VDIFS_OPTIONS)))
     log.info("serving %s on %s", sr_path, mountpoint)
     try:
         trio.run(_serve, ops)

@@ -29,7 +29,7 @@ import trio
 
 from vdifs.errors import ReadOnly, VdifsError
 from vdifs.exports import Export
-from vdifs.fs.tree import ROOT, Node, Tree
+from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
 from vdifs.livedisk import DIRTY_LIMIT, LiveDisk
 from vdifs.storage.local import WouldBlock
 from vdifs.uploads import Upload, apply_or_explain
@@ -40,6 +40,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 BACKEND_LIMITER = trio.CapacityLimiter(4)
+RENAME_EXCHANGE = 2  # linux/fs.h
 REFRESH_INTERVAL = 0.5  # seconds between checks for changes made by other processes
 BLKSIZE = 1 << 20
 
@@ -246,13 +247,10 @@ class VdifsOperations(pyfuse3.Operations):
         kind = node[0]
         fh = self._next_fh
         self._next_fh += 1
-        if kind in ("info", "status"):
+        if kind in GENERATED_KINDS:
             if write:
-                raise ReadOnly(f"{kind} files are read-only")
-            data = (
-                self.tree.info_json(node[1]) if kind == "info" else self.tree.status_json(node[1])
-            )
-            self._handles[fh] = Handle(node, data=data)
+                raise ReadOnly("generated files are read-only")
+            self._handles[fh] = Handle(node, data=self.tree.generated(node))
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         if kind == "upload":
             upload = self.tree.uploads.get(node[1])
@@ -378,9 +376,12 @@ class VdifsOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        if self._node(parent_inode_old)[0] in ("snapdir", "vmsnaps"):
+            await self._rename_snapshot(parent_inode_old, old, parent_inode_new, new, flags)
+            return
         self._import_dir(parent_inode_old)
         self._import_dir(parent_inode_new)
-        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
         old_node = ("upload", old)
         upload = self.tree.uploads.rename(old, new)
         # The inode follows the file to its new name.
@@ -397,12 +398,87 @@ class VdifsOperations(pyfuse3.Operations):
             finally:
                 self.tree.uploads.finish(upload)
 
+    async def _rename_snapshot(
+        self, parent_old: int, old: str, parent_new: int, new: str, flags: int
+    ) -> None:
+        kind, owner = self._snapshot_owner(parent_old)
+        if parent_new != parent_old:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        if flags & RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        names = (
+            self.tree.vdi_snapshot_names(owner)
+            if kind == "vdi"
+            else self.tree.vm_snapshot_names(owner)
+        )
+        snap = names.get(old)
+        if snap is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if new in names or new == "current":
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if kind == "vdi":
+            await trio.to_thread.run_sync(self.tree.sr.set_name, snap, new)
+        else:
+            await trio.to_thread.run_sync(self.tree.vm_model.set_name, snap, new)
+        self.tree.refresh()
+
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._import_dir(parent_inode)
         upload = self.tree.uploads.get(os.fsdecode(name))
         upload.applied = True  # never apply what was deleted
         self.tree.uploads.remove(upload)
+
+    # -- snapshots/ with -o snapshot_admin ---------------------------------------------
+
+    def _snapshot_owner(self, parent_inode: int) -> tuple[str, str]:
+        owner = self.tree.snapshot_owner(self._node(parent_inode))
+        if self.tree.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not self.tree.snapshot_admin:
+            # Off by default: an rm -rf on a backup host must not destroy anything.
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return owner
+
+    @_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        kind, owner = self._snapshot_owner(parent_inode)
+        text = os.fsdecode(name)
+        names = (
+            self.tree.vdi_snapshot_names(owner)
+            if kind == "vdi"
+            else self.tree.vm_snapshot_names(owner)
+        )
+        if text in names or text == "current":
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if kind == "vdi":
+            snap = await trio.to_thread.run_sync(self.tree.sr.snapshot, owner, text)
+            node: Node = ("snapview", owner, snap.uuid)
+        else:
+            vm_snap = await trio.to_thread.run_sync(self.tree.vm_model.snapshot, owner, text)
+            node = ("vmsnap", owner, vm_snap.uuid)
+        self.tree.refresh()
+        return self._entry(node)
+
+    @_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        kind, owner = self._snapshot_owner(parent_inode)
+        text = os.fsdecode(name)
+        if kind == "vdi":
+            snap = self.tree.vdi_snapshot_names(owner).get(text)
+            if snap is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            # Never the children: rmdir removes one point in time.
+            await trio.to_thread.run_sync(self.tree.sr.delete_snapshot, snap)
+        else:
+            snap = self.tree.vm_snapshot_names(owner).get(text)
+            if snap is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            await trio.to_thread.run_sync(self.tree.vm_model.delete_snapshot, snap)
+        log.info("snapshot %s deleted through rmdir", snap)
+        self.tree.refresh()
 
     # -- watching the SR ----------------------------------------------------------------
 

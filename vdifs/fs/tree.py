@@ -1,10 +1,15 @@
 """The directory tree users see, without FUSE.
 
 Nodes are small tuples (``("raw", uuid)``, ``("delta", uuid, base, "vhd")``)
-so that the adapter can give each a stable inode.  The tree holds the SR's
-records as of the last :meth:`Tree.refresh` and caches disk states and
-exports per VDI generation: a changed VDI has a new generation, hence new
-cache entries, and an open handle keeps the export it opened.
+so that the adapter can give each a stable inode.  A directory that appears
+at two paths (a snapshot's folder under ``vdis/`` and its view under a
+VDI's ``snapshots/`` in admin mode) gets distinct nodes (a trailing
+``"view"``), because Linux keeps one dentry per directory inode.
+
+The tree holds the SR's records as of the last :meth:`Tree.refresh` and caches
+disk states and exports per VDI generation: a changed VDI has a new
+generation, hence new cache entries, and an open handle keeps the export it
+opened.
 """
 
 from __future__ import annotations
@@ -13,14 +18,17 @@ import json
 import logging
 import stat
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from xml.sax.saxutils import escape
 
 from vdifs.errors import NotFound, ReadOnly
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
 from vdifs.imports import import_status
 from vdifs.storage.local import LocalSR, VdiRecord
+from vdifs.storage.vms import VmRecord, Vms
 from vdifs.uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,7 @@ log = logging.getLogger(__name__)
 Node = tuple[Any, ...]
 ROOT: Node = ("root",)
 VDIS: Node = ("vdis",)
+VMS: Node = ("vms",)
 BY_NAME: Node = ("by-name",)
 IMPORT: Node = ("import",)
 STATUS_DIR: Node = ("status-dir",)
@@ -35,6 +44,16 @@ STATUS_HISTORY = 100  # imports whose outcome import/.status/ shows
 
 IMMUTABLE_TIMEOUT = 300.0  # snapshot files never change
 MUTABLE_TIMEOUT = 1.0  # the mount shows CLI changes within a second
+
+DIR_KINDS = frozenset(
+    {
+        "root", "vdis", "vms", "by-name", "import", "status-dir", "vdi", "deltas", "snapdir",
+        "snapview", "vm", "vmdisks", "vmsnaps", "vmsnap", "vmsnapdisks",
+    }
+)  # fmt: skip
+LINK_KINDS = frozenset({"name", "snaplink", "curlink", "vmdisk", "vmsnapdisk", "vmcurrent"})
+GENERATED_KINDS = frozenset({"info", "status", "vminfo", "vmsnapinfo", "vmsnapxml"})
+PRIVATE_DIRS = frozenset({"import", "status-dir"})
 
 
 @dataclass(frozen=True)
@@ -52,14 +71,40 @@ def escape_name(name: str) -> str:
     return name.replace("%", "%25").replace("/", "%2F")
 
 
+def display_names(items: Iterable[tuple[str, str]], reserved: Iterable[str] = ()) -> dict[str, str]:
+    """File names for ``(name_label, uuid)`` pairs: repeated names get ``~uuid8``.
+
+    Derived, never stored, so the same records always give the same names.
+    """
+    pairs = list(items)
+    counts = Counter(escape_name(name) for name, _ in pairs)
+    taken = set(reserved)
+    out: dict[str, str] = {}
+    for name, uuid in pairs:
+        shown = escape_name(name)
+        if counts[shown] > 1 or shown in taken:
+            shown = f"{shown}~{uuid[:8]}"
+        out[shown] = uuid
+    return out
+
+
+def _json(data: Any) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
 class Tree:
     STATE_CACHE = 64
     EXPORT_CACHE = 128
 
-    def __init__(self, sr: LocalSR, *, read_only: bool = False) -> None:
+    def __init__(
+        self, sr: LocalSR, *, read_only: bool = False, snapshot_admin: bool = False
+    ) -> None:
         self.sr = sr
         self.read_only = read_only
+        self.snapshot_admin = snapshot_admin
+        self.vm_model = Vms(sr)
         self.records: dict[str, VdiRecord] = {}
+        self.vms: dict[str, VmRecord] = {}
         self.by_lineage: dict[str, list[str]] = {}
         self.names: dict[str, str] = {}
         self.changed_ns = time.time_ns()
@@ -72,50 +117,37 @@ class Tree:
     # -- refreshing from the SR ---------------------------------------------------
 
     def refresh(self, *, force: bool = False) -> set[str]:
-        """Reload records if the SR changed; return the uuids that changed."""
+        """Reload records if the SR changed; return the VDI uuids that changed."""
         version = self.sr.data_version()
         if not force and version == self._data_version:
             return set()
         self._data_version = version
         old = self.records
         records = {r.uuid: r for r in self.sr.list_vdis()}
-        changed = {
-            u
-            for u in old.keys() | records.keys()
-            if u not in old
-            or u not in records
-            or old[u].generation != records[u].generation
-            or old[u] != records[u]
-        }
+        changed = {u for u in old.keys() | records.keys() if old.get(u) != records.get(u)}
         self.records = records
+        self.vms = {v.uuid: v for v in self.vm_model.all()}
         lineage: dict[str, list[str]] = {}
         for r in records.values():
             lineage.setdefault(r.lineage, []).append(r.uuid)
         self.by_lineage = lineage
-        self.names = self._name_links(records)
-        if changed:
-            self.changed_ns = time.time_ns()
+        self.names = display_names(
+            (r.name_label, r.uuid) for r in records.values() if not r.is_a_snapshot
+        )
+        self.changed_ns = time.time_ns()
         return changed
-
-    @staticmethod
-    def _name_links(records: dict[str, VdiRecord]) -> dict[str, str]:
-        counts: dict[str, int] = {}
-        live = [r for r in records.values() if not r.is_a_snapshot]
-        for r in live:
-            counts[r.name_label] = counts.get(r.name_label, 0) + 1
-        links = {}
-        for r in live:
-            name = escape_name(r.name_label)
-            if counts[r.name_label] > 1:
-                name = f"{name} ({r.uuid})"
-            links[name] = r.uuid
-        return links
 
     def record(self, uuid: str) -> VdiRecord:
         try:
             return self.records[uuid]
         except KeyError:
             raise NotFound(f"no VDI {uuid}") from None
+
+    def vm(self, uuid: str) -> VmRecord:
+        try:
+            return self.vms[uuid]
+        except KeyError:
+            raise NotFound(f"no VM {uuid}") from None
 
     # -- states and exports ---------------------------------------------------------
 
@@ -158,7 +190,7 @@ class Tree:
         return export
 
     def delta_bases(self, uuid: str) -> list[str]:
-        """Snapshots a delta of this VDI can be taken from: its lineage's snapshots."""
+        """Snapshots (checkpoints included) in this VDI's lineage, itself excluded."""
         record = self.record(uuid)
         return sorted(
             u
@@ -166,29 +198,88 @@ class Tree:
             if u != uuid and self.records[u].is_a_snapshot
         )
 
-    def info_json(self, uuid: str) -> bytes:
-        return (json.dumps(self.record(uuid).to_json(), indent=2) + "\n").encode()
+    # -- names inside snapshot directories ---------------------------------------------
+
+    def vdi_snapshot_names(self, vdi: str) -> dict[str, str]:
+        snaps = [self.records[u] for u in self.record(vdi).snapshots if u in self.records]
+        return display_names(((s.name_label, s.uuid) for s in snaps), reserved=("current",))
+
+    def vm_snapshot_names(self, vm: str) -> dict[str, str]:
+        snaps = [self.vms[u] for u in self.vm(vm).snapshots if u in self.vms]
+        return display_names((s.name_label, s.uuid) for s in snaps)
+
+    def snapshot_owner(self, node: Node) -> tuple[str, str]:
+        """``("vdi"|"vm", uuid)`` for a snapshots/ directory; NotFound otherwise."""
+        if node[0] == "snapdir":
+            return "vdi", node[1]
+        if node[0] == "vmsnaps":
+            return "vm", node[1]
+        raise NotFound("not a snapshots directory")
+
+    # -- generated files ------------------------------------------------------------------
+
+    def generated(self, node: Node) -> bytes:
+        kind = node[0]
+        if kind == "info":
+            return _json(self.record(node[1]).to_json())
+        if kind == "status":
+            try:
+                return _json(self.import_outcomes()[node[1]])
+            except KeyError:
+                raise NotFound(node[1]) from None
+        if kind in ("vminfo", "vmsnapinfo"):
+            return _json(self.vm(node[1]).to_json())
+        if kind == "vmsnapxml":
+            return self.snapshot_xml(node[1])
+        raise NotFound(str(node))
+
+    def snapshot_xml(self, uuid: str) -> bytes:
+        """libvirt's ``<domainsnapshot>`` vocabulary for a VM snapshot."""
+        snap = self.vm(uuid)
+        created = int(
+            time.mktime(time.strptime(snap.snapshot_time or snap.created, "%Y-%m-%dT%H:%M:%SZ"))
+            - time.timezone
+        )
+        lines = [
+            "<domainsnapshot>",
+            f"  <name>{escape(snap.name_label)}</name>",
+            f"  <description>{escape(snap.name_description)}</description>",
+            "  <state>disk-snapshot</state>",
+            f"  <creationTime>{created}</creationTime>",
+        ]
+        if snap.parent and snap.parent in self.vms:
+            lines.append(
+                f"  <parent><name>{escape(self.vms[snap.parent].name_label)}</name></parent>"
+            )
+        lines.append("  <memory snapshot='no'/>")
+        lines.append("  <disks>")
+        for device, vdi in sorted(snap.disks.items()):
+            lines.append(
+                f"    <disk name='{escape(device)}' snapshot='external'>"
+                f"<source file='../../../../vdis/{vdi}/raw.img'/></disk>"
+            )
+        lines += ["  </disks>", f"  <domain><uuid>{snap.snapshot_of}</uuid></domain>"]
+        lines.append("</domainsnapshot>")
+        return ("\n".join(lines) + "\n").encode()
+
+    def import_outcomes(self) -> dict[str, dict[str, Any]]:
+        """The latest outcome of each recent import, by uploaded file name."""
+        latest: dict[str, dict[str, Any]] = {}
+        for item in import_status(self.sr, STATUS_HISTORY):
+            latest.setdefault(item["name"], item)
+        return latest
 
     # -- the directory structure --------------------------------------------------------
 
     def children(self, node: Node) -> list[tuple[str, Node]]:
         kind = node[0]
         if kind == "root":
-            return [("by-name", BY_NAME), ("import", IMPORT), ("vdis", VDIS)]
+            return [("by-name", BY_NAME), ("import", IMPORT), ("vdis", VDIS), ("vms", VMS)]
         if kind == "vdis":
             return [(u, ("vdi", u)) for u in sorted(self.records)]
-        if kind == "vdi":
-            uuid = node[1]
-            record = self.record(uuid)
-            entries: list[tuple[str, Node]] = [
-                ("delta-from", ("deltas", uuid)),
-                ("info.json", ("info", uuid)),
-                ("raw.img", ("raw", uuid)),
-            ]
-            for fmt in IMAGE_FORMATS:
-                if format_supports(fmt, record.virtual_size):
-                    entries.append((f"full.{fmt}", ("full", uuid, fmt)))
-            return sorted(entries)
+        if kind in ("vdi", "snapview"):
+            uuid = node[1] if kind == "vdi" else node[2]
+            return self._vdi_entries(uuid, view=kind == "snapview" or len(node) > 2)
         if kind == "deltas":
             uuid = node[1]
             size = self.record(uuid).virtual_size
@@ -198,6 +289,15 @@ class Tree:
                 for fmt in IMAGE_FORMATS
                 if format_supports(fmt, size)
             ]
+        if kind == "snapdir":
+            vdi = node[1]
+            entry = "snapview" if self.snapshot_admin else "snaplink"
+            out: list[tuple[str, Node]] = [
+                (n, (entry, vdi, s)) for n, s in self.vdi_snapshot_names(vdi).items()
+            ]
+            if self.record(vdi).current in self.records:
+                out.append(("current", ("curlink", vdi)))
+            return sorted(out)
         if kind == "by-name":
             return [(name, ("name", name)) for name in sorted(self.names)]
         if kind == "import":
@@ -206,34 +306,63 @@ class Tree:
             ]
         if kind == "status-dir":
             return [(f"{name}.json", ("status", name)) for name in self.import_outcomes()]
+        if kind == "vms":
+            return [(u, ("vm", u)) for u, v in sorted(self.vms.items()) if not v.is_a_snapshot]
+        if kind == "vm":
+            vm = self.vm(node[1])
+            out = [
+                ("disks", ("vmdisks", vm.uuid)),
+                ("info.json", ("vminfo", vm.uuid)),
+                ("snapshots", ("vmsnaps", vm.uuid)),
+            ]
+            if vm.current in self.vms:
+                out.append(("current", ("vmcurrent", vm.uuid)))
+            return out
+        if kind == "vmdisks":
+            return [(d, ("vmdisk", node[1], d)) for d in sorted(self.vm(node[1]).disks)]
+        if kind == "vmsnaps":
+            return sorted(
+                (n, ("vmsnap", node[1], s)) for n, s in self.vm_snapshot_names(node[1]).items()
+            )
+        if kind == "vmsnap":
+            snap = node[2]
+            return [
+                ("disks", ("vmsnapdisks", snap)),
+                ("info.json", ("vmsnapinfo", snap)),
+                ("snapshot.xml", ("vmsnapxml", snap)),
+            ]
+        if kind == "vmsnapdisks":
+            return [(d, ("vmsnapdisk", node[1], d)) for d in sorted(self.vm(node[1]).disks)]
         raise NotFound("not a directory")
 
-    def import_outcomes(self) -> dict[str, dict[str, Any]]:
-        """The latest outcome of each recent import, by uploaded file name."""
-        latest: dict[str, dict[str, Any]] = {}
-        for item in import_status(self.sr, STATUS_HISTORY):
-            latest.setdefault(item["name"], item)
-        return latest
-
-    def status_json(self, name: str) -> bytes:
-        try:
-            item = self.import_outcomes()[name]
-        except KeyError:
-            raise NotFound(name) from None
-        return (json.dumps(item, indent=2) + "\n").encode()
+    def _vdi_entries(self, uuid: str, *, view: bool) -> list[tuple[str, Node]]:
+        record = self.record(uuid)
+        entries: list[tuple[str, Node]] = [("info.json", ("info", uuid))]
+        if record.data_destroyed:
+            return entries  # a checkpoint: no data, only what deltas need
+        entries += [
+            ("delta-from", ("deltas", uuid, "view") if view else ("deltas", uuid)),
+            ("raw.img", ("raw", uuid)),
+        ]
+        for fmt in IMAGE_FORMATS:
+            if format_supports(fmt, record.virtual_size):
+                entries.append((f"full.{fmt}", ("full", uuid, fmt)))
+        if not record.is_a_snapshot and not view:
+            entries.append(("snapshots", ("snapdir", uuid)))
+        return sorted(entries)
 
     def lookup(self, parent: Node, name: str) -> Node:
         kind = parent[0]
         # Direct answers for the large directories, without listing them.
+        if kind == "vdis":
+            if name in self.records:
+                return ("vdi", name)
+            raise NotFound(name)
         if kind == "import":
             if name == ".status":
                 return STATUS_DIR
             if name in self.uploads.entries:
                 return ("upload", name)
-            raise NotFound(name)
-        if kind == "vdis":
-            if name in self.records:
-                return ("vdi", name)
             raise NotFound(name)
         if kind == "deltas":
             base, dot, fmt = name.rpartition(".")
@@ -253,70 +382,96 @@ class Tree:
 
     def exists(self, node: Node) -> bool:
         kind = node[0]
-        if kind in ("root", "vdis", "by-name", "import", "status-dir"):
+        try:
+            if kind in ("root", "vdis", "vms", "by-name", "import", "status-dir", "status"):
+                return True
+            if kind == "name":
+                return node[1] in self.names
+            if kind == "upload":
+                return node[1] in self.uploads.entries
+            if kind in ("vm", "vminfo", "vmdisks", "vmsnaps", "vmsnapinfo", "vmsnapxml"):
+                return node[1] in self.vms
+            if kind == "vmcurrent":
+                return self.vm(node[1]).current in self.vms
+            if kind in ("vmsnap",):
+                return node[2] in self.vm(node[1]).snapshots and node[2] in self.vms
+            if kind == "vmsnapdisks":
+                return node[1] in self.vms
+            if kind in ("vmdisk", "vmsnapdisk"):
+                return node[2] in self.vm(node[1]).disks
+            record = self.record(node[1])
+            if kind in ("snaplink", "snapview"):
+                return node[2] in record.snapshots and node[2] in self.records
+            if kind == "curlink":
+                return record.current in self.records
+            if record.data_destroyed and kind != "info":
+                return False
+            if kind == "delta":
+                return node[2] in self.records and node[2] in self.delta_bases(node[1])
             return True
-        if kind == "name":
-            return node[1] in self.names
-        if kind == "upload":
-            return node[1] in self.uploads.entries
-        if kind == "status":
-            return True
-        if len(node) > 1 and node[1] not in self.records:
+        except NotFound:
             return False
-        if kind == "delta":
-            return node[2] in self.records and node[2] in self.delta_bases(node[1])
-        return True
+
+    def _link_target(self, node: Node) -> str:
+        kind = node[0]
+        if kind == "name":
+            return f"../vdis/{self.names[node[1]]}"
+        if kind == "snaplink":
+            return f"../../{node[2]}"
+        if kind == "curlink":
+            return f"../../{self.record(node[1]).current}"
+        if kind == "vmdisk":
+            return f"../../../vdis/{self.vm(node[1]).disks[node[2]]}"
+        if kind == "vmsnapdisk":
+            return f"../../../../../vdis/{self.vm(node[1]).disks[node[2]]}"
+        if kind == "vmcurrent":
+            vm = self.vm(node[1])
+            names = {s: n for n, s in self.vm_snapshot_names(vm.uuid).items()}
+            return f"snapshots/{names[vm.current]}" if vm.current in names else ""
+        raise NotFound(str(node))
 
     def attr(self, node: Node) -> Attr:
         if not self.exists(node):
             raise NotFound("gone")
         kind = node[0]
-        if kind in ("root", "vdis", "by-name", "vdi", "deltas"):
-            mtime = self.record(node[1]).changed_ns if kind == "vdi" else self.changed_ns
-            return Attr(stat.S_IFDIR | 0o755, 0, mtime)
-        if kind in ("import", "status-dir"):
-            return Attr(stat.S_IFDIR | 0o700, 0, self.changed_ns)
+        if kind in DIR_KINDS:
+            mode = 0o700 if kind in PRIVATE_DIRS else 0o755
+            if kind in ("vdi", "snapview"):
+                mtime = self.record(node[1] if kind == "vdi" else node[2]).changed_ns
+            else:
+                mtime = self.changed_ns
+            return Attr(stat.S_IFDIR | mode, 0, mtime)
+        if kind in LINK_KINDS:
+            target = self._link_target(node)
+            return Attr(stat.S_IFLNK | 0o777, len(target), self.changed_ns, target=target)
         if kind == "upload":
             upload = self.uploads.get(node[1])
             return Attr(stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, -(-upload.size // 512))
-        if kind == "status":
-            return Attr(stat.S_IFREG | 0o400, len(self.status_json(node[1])), self.changed_ns)
-        if kind == "name":
-            target = f"../vdis/{self.names[node[1]]}"
-            return Attr(stat.S_IFLNK | 0o777, len(target), self.changed_ns, target=target)
+        if kind in GENERATED_KINDS:
+            mode = 0o400 if kind == "status" else 0o444
+            return Attr(stat.S_IFREG | mode, len(self.generated(node)), self.changed_ns)
         record = self.record(node[1])
-        immutable = record.is_a_snapshot
-        timeout = IMMUTABLE_TIMEOUT if immutable else MUTABLE_TIMEOUT
-        if kind == "info":
-            return Attr(stat.S_IFREG | 0o444, len(self.info_json(record.uuid)), record.changed_ns)
+        immutable = self.is_immutable(node)
         if kind == "raw":
-            writable = not immutable and not self.read_only
+            writable = not record.is_a_snapshot and not self.read_only
             mode = 0o600 if writable else 0o400
-            export = self.export(record.uuid, "raw")
-        elif kind == "full":
+        elif kind in ("full", "delta"):
             mode = 0o400
-            export = self.export(record.uuid, node[2])
-        elif kind == "delta":
-            mode = 0o400
-            export = self.export(record.uuid, node[3], node[2])
-            base_record = self.record(node[2])
-            timeout = (
-                IMMUTABLE_TIMEOUT if immutable and base_record.is_a_snapshot else MUTABLE_TIMEOUT
-            )
         else:
             raise NotFound(str(node))
+        export = self.open_export(node, write=False)
         return Attr(
             stat.S_IFREG | mode,
             export.size,
             record.changed_ns,
             blocks=-(-export.allocated_bytes // 512),
-            timeout=timeout,
+            timeout=IMMUTABLE_TIMEOUT if immutable else MUTABLE_TIMEOUT,
         )
 
     def is_immutable(self, node: Node) -> bool:
         """Whether a file's bytes can never change (its page cache may be kept)."""
         kind = node[0]
-        if kind in ("raw", "full", "info"):
+        if kind in ("raw", "full"):
             return self.record(node[1]).is_a_snapshot
         if kind == "delta":
             return self.record(node[1]).is_a_snapshot and self.record(node[2]).is_a_snapshot

@@ -76,7 +76,12 @@ CREATE TABLE IF NOT EXISTS vdis(
     -- the image most recently imported, so a delta made on top of it applies
     import_identity BLOB,
     import_name TEXT,
-    import_generation INTEGER
+    import_generation INTEGER,
+    -- the snapshot tree: a snapshot's parent is the VDI's current snapshot when
+    -- it was taken; a live VDI's current is the snapshot it descends from
+    parent TEXT,
+    current TEXT,
+    data_destroyed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS vdis_lineage ON vdis(lineage);
 CREATE TABLE IF NOT EXISTS blocks(
@@ -88,6 +93,25 @@ CREATE TABLE IF NOT EXISTS blocks(
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks(digest BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY, slots INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS vms(
+    id INTEGER PRIMARY KEY,
+    uuid TEXT NOT NULL UNIQUE,
+    name_label TEXT NOT NULL,
+    name_description TEXT NOT NULL DEFAULT '',
+    metadata TEXT NOT NULL DEFAULT '',
+    is_a_snapshot INTEGER NOT NULL DEFAULT 0,
+    snapshot_of TEXT,
+    snapshot_time TEXT,
+    parent TEXT,
+    current TEXT,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vm_disks(
+    vm TEXT NOT NULL,
+    device TEXT NOT NULL,
+    vdi TEXT NOT NULL,
+    PRIMARY KEY(vm, device)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS imports(
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -141,7 +165,11 @@ class VdiRecord:
     changed_ns: int
     generation: int
     allocated_chunks: int
+    parent: str | None = None
+    current: str | None = None
+    data_destroyed: bool = False
     snapshots: tuple[str, ...] = ()
+    children: tuple[str, ...] = ()
 
     @property
     def read_only(self) -> bool:
@@ -173,6 +201,11 @@ class VdiRecord:
             "snapshot_time": self.snapshot_time,
             "snapshots": list(self.snapshots),
             "read_only": self.read_only,
+            "parent": self.parent,
+            "children": list(self.children),
+            "current": self.current,
+            "type": "cbt_metadata" if self.data_destroyed else "user",
+            "data_destroyed": self.data_destroyed,
             "created": self.created,
             "last_changed": utc_iso(self.changed_ns),
             "generation": self.generation,
@@ -236,8 +269,15 @@ class LocalSR:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: all of it commits, or none of it."""
+        """One write transaction: all of it commits, or none of it.
+
+        Nested uses join the outer transaction (a VM snapshot is several VDI
+        snapshots committed together).
+        """
         db = self.db
+        if db.in_transaction:
+            yield db
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
@@ -263,10 +303,13 @@ class LocalSR:
 
     _COLUMNS = (
         "id, uuid, name_label, name_description, virtual_size, is_a_snapshot, snapshot_of,"
-        " snapshot_time, lineage, created, changed_ns, generation, allocated_chunks"
+        " snapshot_time, lineage, created, changed_ns, generation, allocated_chunks,"
+        " parent, current, data_destroyed"
     )
 
-    def _record(self, row: tuple[Any, ...], snapshots: tuple[str, ...]) -> VdiRecord:
+    def _record(
+        self, row: tuple[Any, ...], snapshots: tuple[str, ...], children: tuple[str, ...] = ()
+    ) -> VdiRecord:
         return VdiRecord(
             id=row[0],
             uuid=row[1],
@@ -281,17 +324,26 @@ class LocalSR:
             changed_ns=row[10],
             generation=row[11],
             allocated_chunks=row[12],
+            parent=row[13],
+            current=row[14],
+            data_destroyed=bool(row[15]),
             snapshots=snapshots,
+            children=children,
         )
 
     def list_vdis(self) -> list[VdiRecord]:
         db = self.db
         rows = db.execute(f"SELECT {self._COLUMNS} FROM vdis ORDER BY created, uuid").fetchall()
         snaps: dict[str, list[str]] = {}
+        children: dict[str, list[str]] = {}
         for row in rows:
             if row[6]:
                 snaps.setdefault(row[6], []).append(row[1])
-        return [self._record(r, tuple(snaps.get(r[1], ()))) for r in rows]
+            if row[13]:
+                children.setdefault(row[13], []).append(row[1])
+        return [
+            self._record(r, tuple(snaps.get(r[1], ())), tuple(children.get(r[1], ()))) for r in rows
+        ]
 
     def get_vdi(self, uuid: str) -> VdiRecord:
         db = self.db
@@ -304,7 +356,13 @@ class LocalSR:
                 "SELECT uuid FROM vdis WHERE snapshot_of = ? ORDER BY created, uuid", (uuid,)
             )
         )
-        return self._record(row, snaps)
+        children = tuple(
+            r[0]
+            for r in db.execute(
+                "SELECT uuid FROM vdis WHERE parent = ? ORDER BY created, uuid", (uuid,)
+            )
+        )
+        return self._record(row, snaps, children)
 
     def block_map(self, vdi: VdiRecord) -> BlockMap:
         rows = self.db.execute(
@@ -337,21 +395,29 @@ class LocalSR:
             )
         return self.get_vdi(uuid)
 
-    def _copy(self, source_uuid: str, name: str | None, *, snapshot: bool) -> VdiRecord:
+    def _copy(
+        self, source_uuid: str, name: str | None, *, snapshot: bool, description: str | None = None
+    ) -> VdiRecord:
         uuid = str(uuidlib.uuid4())
         now = time.time_ns()
         with self.transaction() as db:
             src = self.get_vdi(source_uuid)
+            if src.data_destroyed:
+                raise InvalidArgument(
+                    f"snapshot {src.uuid} is a checkpoint: its data was destroyed"
+                )
             label = name if name is not None else src.name_label
             check_name(label)
+            # A snapshot hangs under the VDI's current snapshot and becomes current.
+            parent = src.current if snapshot else None
             cur = db.execute(
                 "INSERT INTO vdis(uuid, name_label, name_description, virtual_size,"
                 " is_a_snapshot, snapshot_of, snapshot_time, lineage, created, changed_ns,"
-                " allocated_chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " allocated_chunks, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     uuid,
                     label,
-                    src.name_description,
+                    src.name_description if description is None else description,
                     src.virtual_size,
                     int(snapshot),
                     src.uuid if snapshot else None,
@@ -360,6 +426,7 @@ class LocalSR:
                     utc_iso(now),
                     now,
                     src.allocated_chunks,
+                    parent,
                 ),
             )
             db.execute(
@@ -367,22 +434,78 @@ class LocalSR:
                 " SELECT ?, idx, mask, chunks FROM blocks WHERE vdi = ?",
                 (cur.lastrowid, src.id),
             )
+            if snapshot:
+                db.execute("UPDATE vdis SET current = ? WHERE id = ?", (uuid, src.id))
         return self.get_vdi(uuid)
 
-    def snapshot(self, uuid: str, name: str | None = None) -> VdiRecord:
+    def snapshot(
+        self, uuid: str, name: str | None = None, description: str | None = None
+    ) -> VdiRecord:
         """A read-only point in time; copies the block map, never data."""
-        return self._copy(uuid, name, snapshot=True)
+        return self._copy(uuid, name, snapshot=True, description=description)
 
     def clone(self, uuid: str, name: str | None = None) -> VdiRecord:
         """A writable copy; copies the block map, never data."""
         return self._copy(uuid, name, snapshot=False)
 
     def destroy(self, uuid: str) -> None:
-        """Forget a VDI; its snapshots stay, and so does the data they share."""
+        """Forget a VDI or snapshot.
+
+        A VDI's snapshots stay, and so does the data they share.  A
+        snapshot's children are re-parented to its parent, and a VDI whose
+        current snapshot it was now descends from that parent.  No other
+        VDI's bytes change: every block map is complete on its own.
+        """
         with self.transaction() as db:
             record = self.get_vdi(uuid)
+            db.execute("UPDATE vdis SET parent = ? WHERE parent = ?", (record.parent, uuid))
+            db.execute("UPDATE vdis SET current = ? WHERE current = ?", (record.parent, uuid))
             db.execute("DELETE FROM blocks WHERE vdi = ?", (record.id,))
             db.execute("DELETE FROM vdis WHERE id = ?", (record.id,))
+            db.execute("DELETE FROM vm_disks WHERE vdi = ?", (uuid,))
+
+    def descendants(self, uuid: str) -> list[str]:
+        """Snapshots below one in the tree, deepest first (a safe delete order)."""
+        out: list[str] = []
+        for (child,) in self.db.execute(
+            "SELECT uuid FROM vdis WHERE parent = ? ORDER BY created", (uuid,)
+        ).fetchall():
+            out += self.descendants(child)
+            out.append(child)
+        return out
+
+    def delete_snapshot(
+        self, uuid: str, *, children: bool = False, only_children: bool = False
+    ) -> list[str]:
+        """Delete a snapshot (default: it alone), or its subtree, or only its subtree."""
+        with self.transaction():
+            record = self.get_vdi(uuid)
+            if not record.is_a_snapshot:
+                raise InvalidArgument(f"{uuid} is not a snapshot (use vdifs vdi destroy)")
+            doomed = self.descendants(uuid) if (children or only_children) else []
+            if not only_children:
+                doomed.append(uuid)
+            for victim in doomed:
+                self.destroy(victim)
+        return doomed
+
+    def data_destroy(self, uuid: str) -> VdiRecord:
+        """Make a snapshot a checkpoint: its data may go, deltas from it still work.
+
+        The block map (chunk identities) is kept because a delta compares
+        identities; the chunks it alone used are freed by garbage collection.
+        """
+        with self.transaction() as db:
+            record = self.get_vdi(uuid)
+            if not record.is_a_snapshot:
+                raise InvalidArgument(
+                    f"{uuid} is not a snapshot: only snapshots become checkpoints"
+                )
+            db.execute(
+                "UPDATE vdis SET data_destroyed = 1, allocated_chunks = 0 WHERE id = ?",
+                (record.id,),
+            )
+        return self.get_vdi(uuid)
 
     def set_name(self, uuid: str, name: str) -> None:
         check_name(name)
@@ -507,28 +630,39 @@ class LocalSR:
         return removed
 
     def garbage_collect(self) -> tuple[int, int]:
-        """Remove chunks and packs no block map references.
+        """Remove packs no readable block map references.
 
         Returns ``(packs_removed, bytes_freed)``.  A pack is deleted only when
-        none of its chunks is referenced; partly used packs stay whole.
+        none of its chunks is referenced by a VDI or snapshot whose data is
+        kept (checkpoints keep identities, not data); partly used packs stay
+        whole.  A deleted pack's id stays reserved (``slots = -1``) so that a
+        checkpoint's old chunk ids can never name new data.
         """
         with self.transaction() as db:
             live: set[int] = set()
-            for (blob,) in db.execute("SELECT chunks FROM blocks"):
+            for (blob,) in db.execute(
+                "SELECT chunks FROM blocks JOIN vdis ON vdis.id = blocks.vdi"
+                " WHERE vdis.data_destroyed = 0"
+            ):
                 ids = array("Q", blob)
                 live.update(i >> 32 for i in ids if i)
-            dead = [p for (p,) in db.execute("SELECT id FROM packs") if p not in live]
-            freed = 0
+            dead = [
+                p for (p,) in db.execute("SELECT id FROM packs WHERE slots >= 0") if p not in live
+            ]
             for pack in dead:
-                db.execute("DELETE FROM packs WHERE id = ?", (pack,))
+                db.execute("UPDATE packs SET slots = -1 WHERE id = ?", (pack,))
                 db.execute(
                     "DELETE FROM chunks WHERE id >= ? AND id < ?", (pack << 32, (pack + 1) << 32)
                 )
+        freed = 0
         for pack in dead:
             path = self._pack_path(pack)
             with contextlib.suppress(FileNotFoundError):
                 freed += path.stat().st_size
                 path.unlink()
+        with self._fd_lock:
+            for pack in dead:
+                self._fds.pop(pack, None)
         return len(dead), freed
 
 
@@ -580,6 +714,8 @@ class ChunkWriter:
     def _open_pack(self) -> None:
         while True:
             pack = secrets.randbelow((1 << 31) - 1) + 1
+            if self.sr.db.execute("SELECT 1 FROM packs WHERE id = ?", (pack,)).fetchone():
+                continue  # in use, or retired by garbage collection: never reused
             try:
                 fd = os.open(
                     self.sr._pack_path(pack),
