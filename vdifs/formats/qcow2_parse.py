@@ -99,10 +99,10 @@ def parse_qcow2(read_at: ReadAt, file_size: int) -> ParsedQcow2:
     header = _Header.read(read_at, file_size)
     extensions = _Extensions.read(read_at, file_size, header)
     header.check_features(extensions.feature_names)
+    parent_name = header.backing_file_name(read_at, file_size)
     clusters = _ClusterMap.build(read_at, file_size, header)
     for _write in clusters.scan():
         pass  # every L2 entry is checked before the caller applies anything
-    parent_name = header.backing_file_name(read_at, file_size)
     is_delta = parent_name is not None
     return ParsedQcow2(
         virtual_size=header.virtual_size,
@@ -123,6 +123,8 @@ def inflate_cluster(data: bytes, length: int) -> bytes:
     """
     if not 0 <= length <= 1 << c_qcow2.MAX_CLUSTER_BITS:
         raise MalformedImage(f"compressed cluster length {length} is not a cluster size")
+    if length == 0:
+        return b""  # zlib reads a max_length of 0 as "no limit"
     inflater = zlib.decompressobj(c_qcow2.ZLIB_WINDOW_BITS)
     try:
         out = inflater.decompress(data, length)
