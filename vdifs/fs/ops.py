@@ -27,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from vdifs.errors import ReadOnly, VdifsError
+from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
 from vdifs.livedisk import DIRTY_LIMIT, LiveDisk
@@ -151,7 +151,30 @@ class VdifsOperations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(self._node(inode))
+        node = self._node(inode)
+        try:
+            return self._entry(node)
+        except NotFound:
+            # Deleted while open: the handle keeps reading the state it pinned.
+            for handle in self._handles.values():
+                if handle.node == node and handle.export is not None:
+                    return self._pinned_entry(inode, handle.export)
+            raise
+
+    def _pinned_entry(self, inode: int, export: Export) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        entry.st_mode = 0o100400
+        entry.st_nlink = 1
+        entry.st_uid = self.uid
+        entry.st_gid = self.gid
+        entry.st_size = export.size
+        entry.st_blksize = BLKSIZE
+        entry.st_blocks = -(-export.allocated_bytes // 512)
+        mtime = export.state.record.changed_ns
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime
+        entry.attr_timeout = entry.entry_timeout = 0
+        return entry
 
     @_errors
     async def setattr(

@@ -404,8 +404,8 @@ class Tree:
                 return node[2] in record.snapshots and node[2] in self.records
             if kind == "curlink":
                 return record.current in self.records
-            if record.data_destroyed and kind != "info":
-                return False
+            if record.data_destroyed and kind in ("raw", "full", "delta", "deltas", "snapview"):
+                return False  # a checkpoint has no data to show
             if kind == "delta":
                 return node[2] in self.records and node[2] in self.delta_bases(node[1])
             return True
