@@ -643,3 +643,19 @@ def test_small_scan_windows_give_the_same_disk(
     struct.pack_into(">Q", aliased, entry_offset + 8, _entry_at(images[0], entry_offset))
     with pytest.raises(MalformedImage, match="twice"):
         parse_bytes(bytes(aliased))
+
+
+def test_our_sparse_16_tib_image() -> None:
+    """Far offsets, many L2 tables: each carried chunk comes back as one write."""
+    virtual_size = 16 * 1024**4
+    rng = random.Random(8)
+    chunks = sorted({rng.randrange(virtual_size // CHUNK_SIZE) for _ in range(40)})
+    layout = Qcow2Layout(allocation_of(virtual_size, chunks), identity(3))
+    image = render(layout, 0, layout.size, lambda offset, length: bytes(length))
+    parsed = parse_bytes(image)
+    assert parsed.virtual_size == virtual_size and parsed.identity == bytes([3]) * 16
+    writes = list(parsed.writes())
+    assert_ascending(writes)
+    runs = [(w.virtual_offset, w.length) for w in writes]
+    assert sum(length for _offset, length in runs) == len(chunks) * CHUNK_SIZE
+    assert {offset // CHUNK_SIZE for offset, _length in runs} <= set(chunks)
