@@ -196,8 +196,8 @@ def check_base(
             if not target_map.diff(sr.block_map(record)).blocks:
                 return
             raise WrongBase(
-                f"{name} is a delta on snapshot {record.uuid}, but VDI {target.uuid} no longer"
-                " holds that snapshot's content (use vdifs import --force to apply it anyway)"
+                f"{name} is a delta whose base is snapshot {record.uuid}, but VDI {target.uuid}"
+                " does not hold that base's content (use vdifs import --force to apply it anyway)"
             )
     identity, last_name, generation = sr.last_import(target.uuid)
     if generation == target.generation and (

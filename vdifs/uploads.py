@@ -37,6 +37,7 @@ from vdifs.storage.local import LocalSR
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_SIZE = 64 << 40  # the SR's largest disk plus any image's metadata
+SETTLED_SECONDS = 60.0  # an applied upload stays listed this long (rsync stats it after close)
 PF_EXITING = 0x4  # linux/sched.h: the task is exiting
 
 
@@ -68,6 +69,29 @@ def writer_was_killed(pid: int) -> bool:
     return bool(flags & PF_EXITING) and (exit_code & 0x7F) != 0
 
 
+def still_open_by(pid: int, name: str) -> bool:
+    """Whether a process holds another descriptor of ``import/<name>``.
+
+    ``close()`` of one of several descriptors of a file (dd dup2()s its
+    output onto stdout and closes the original) also sends a FUSE flush: it
+    must not start the import.  procfs lists the descriptors left; readlink
+    is answered by procfs, never by this filesystem, so this cannot deadlock.
+    """
+    suffix = f"/import/{name}"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, PermissionError):
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.removesuffix(" (deleted)").endswith(suffix):
+            return True
+    return False
+
+
 @dataclass
 class Upload:
     sr: LocalSR
@@ -82,6 +106,7 @@ class Upload:
     applied: bool = False
     writers: set[int] = field(default_factory=set)
     mtime_ns: int = field(default_factory=time.time_ns)
+    settled_ns: int | None = None  # applied (or refused) and its data dropped
 
     def write(self, offset: int, data: bytes) -> int:
         end = offset + len(data)
@@ -94,7 +119,10 @@ class Upload:
         return written
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, min(length, max(0, self.size - offset)), offset)
+        length = min(length, max(0, self.size - offset))
+        if self.settled_ns is not None:
+            return bytes(length)  # its data went into the VDI; the entry is a stub
+        return os.pread(self.fd, length, offset)
 
     def truncate(self, size: int) -> None:
         if size > MAX_UPLOAD_SIZE:
@@ -125,8 +153,11 @@ class Upload:
         )
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        """Drop the staged data and the target lock."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         if self.lock_fd is not None:
@@ -177,20 +208,68 @@ class Uploads:
         key = request.target if request.target is not None else f"new-{request.new_name}"
         return target_lock(self.sr, key)
 
-    def create(self, name: str, pid: int) -> Upload:
-        if self.read_only:
-            raise ReadOnly("the mount is read-only")
-        if name in self.entries:
-            raise Busy(f"{name} is already being uploaded")
-        request = self._request(name)
-        lock_fd = self._lock(request)
+    def _staging_file(self) -> tuple[Path, int]:
         path = self.sr.staging_dir / f"{secrets.token_hex(8)}.upload"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # marks it live for remove_stale in other processes
-        upload = Upload(self.sr, name, path, fd, request, lock_fd)
+        return path, fd
+
+    def _take_name(self, name: str) -> None:
+        """Free a name for a new upload: a settled stub gives way, a live one does not."""
+        existing = self.entries.get(name)
+        if existing is None:
+            return
+        if existing.settled_ns is None:
+            raise Busy(f"{name} is already being uploaded")
+        self.remove(existing)
+
+    def create(self, name: str, pid: int) -> Upload:
+        if self.read_only:
+            raise ReadOnly("the mount is read-only")
+        self._take_name(name)
+        request = self._request(name)
+        lock_fd = self._lock(request)
+        path, fd = self._staging_file()
+        # A created file is an attempt even if nothing is written: an empty
+        # image is refused, never silently ignored.
+        upload = Upload(self.sr, name, path, fd, request, lock_fd, dirty=True)
         upload.writers.add(pid)
         self.entries[name] = upload
         return upload
+
+    def rearm(self, upload: Upload, pid: int, *, truncate: bool = False) -> None:
+        """A settled stub opened for writing becomes a new upload of the same name.
+
+        Its staging starts as zeros of the stub's size, which is what readers
+        of the stub saw (rsync --inplace writes only what differs from that).
+        """
+        if upload.settled_ns is None:
+            upload.writers.add(pid)
+            if truncate:
+                upload.truncate(0)
+            return
+        request = self._request(upload.name)
+        lock_fd = self._lock(request)
+        upload.path, upload.fd = self._staging_file()
+        upload.request, upload.lock_fd = request, lock_fd
+        upload.applied = upload.dirty = False
+        upload.truncate(0 if truncate else upload.size)
+        upload.dirty = truncate
+        upload.settled_ns = None
+        upload.writers = {pid}
+
+    def visible(self) -> list[str]:
+        """Names in import/ (stubs of applied uploads expire)."""
+        now = time.time_ns()
+        for upload in list(self.entries.values()):
+            settled = upload.settled_ns
+            if (
+                settled is not None
+                and upload.handles == 0
+                and now - settled > SETTLED_SECONDS * 1e9
+            ):
+                self.remove(upload)
+        return sorted(self.entries)
 
     def get(self, name: str) -> Upload:
         try:
@@ -200,8 +279,9 @@ class Uploads:
 
     def rename(self, old: str, new: str) -> Upload:
         upload = self.get(old)
-        if new in self.entries:
-            raise Busy(f"{new} is already being uploaded")
+        if upload.settled_ns is not None:
+            raise Busy(f"{old} was already applied")
+        self._take_name(new)
         request = self._request(new)
         lock_fd = self._lock(request)
         if upload.lock_fd is not None:
@@ -221,9 +301,14 @@ class Uploads:
         upload.discard()
 
     def finish(self, upload: Upload) -> None:
-        """After an attempt (done or failed) with no handle left: the entry goes."""
-        if upload.handles == 0:
-            self.remove(upload)
+        """After an attempt (done or failed) with no handle left: data goes, a stub stays.
+
+        The stub keeps the name and size visible for a while, so that tools
+        that stat, chmod or utime the file after closing it (rsync) succeed.
+        """
+        if upload.handles == 0 and upload.settled_ns is None:
+            upload.discard()
+            upload.settled_ns = time.time_ns()
 
     def close_all(self) -> None:
         for upload in list(self.entries.values()):

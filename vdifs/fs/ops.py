@@ -32,7 +32,7 @@ from vdifs.exports import Export
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
 from vdifs.livedisk import DIRTY_LIMIT, LiveDisk
 from vdifs.storage.local import WouldBlock
-from vdifs.uploads import Upload, apply_or_explain
+from vdifs.uploads import Upload, apply_or_explain, still_open_by
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,15 @@ class VdifsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         if kind == "upload":
             upload = self.tree.uploads.get(node[1])
+            if write:
+                # libfuse negotiates atomic O_TRUNC: truncation arrives here, not in setattr.
+                self.tree.uploads.rearm(upload, ctx.pid, truncate=bool(flags & os.O_TRUNC))
             upload.handles += 1
-            upload.writers.add(ctx.pid)
             self._handles[fh] = Handle(node, upload=upload)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        if flags & os.O_TRUNC:
+            # A disk's size is fixed: truncating raw.img would destroy it.
+            raise pyfuse3.FUSEError(errno.EPERM)
         export: Export | None = self.tree.open_export(node, write=write)
         immutable = self.tree.is_immutable(node)
         live = None
@@ -349,7 +354,12 @@ class VdifsOperations(pyfuse3.Operations):
         if handle.live is not None:
             await self._flush_live(handle.live)
         upload = handle.upload
-        if upload is not None and upload.ready and upload.handles == 1:
+        if (
+            upload is not None
+            and upload.ready
+            and upload.handles == 1
+            and not any(still_open_by(pid, upload.name) for pid in upload.writers)
+        ):
             await self._apply_upload(upload)
 
     @_errors

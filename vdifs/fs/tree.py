@@ -302,7 +302,7 @@ class Tree:
             return [(name, ("name", name)) for name in sorted(self.names)]
         if kind == "import":
             return [(".status", STATUS_DIR)] + [
-                (name, ("upload", name)) for name in sorted(self.uploads.entries)
+                (name, ("upload", name)) for name in self.uploads.visible()
             ]
         if kind == "status-dir":
             return [(f"{name}.json", ("status", name)) for name in self.import_outcomes()]
@@ -446,7 +446,11 @@ class Tree:
             return Attr(stat.S_IFLNK | 0o777, len(target), self.changed_ns, target=target)
         if kind == "upload":
             upload = self.uploads.get(node[1])
-            return Attr(stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, -(-upload.size // 512))
+            # Never cached: an upload vanishes once applied, and the same name
+            # must then be creatable again at once.
+            return Attr(
+                stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, -(-upload.size // 512), 0.0
+            )
         if kind in GENERATED_KINDS:
             mode = 0o400 if kind == "status" else 0o444
             return Attr(stat.S_IFREG | mode, len(self.generated(node)), self.changed_ns)
