@@ -212,6 +212,119 @@ def check_base(
     )
 
 
+class ImportJob:
+    """One import, in phases: :meth:`prepare` (checks, no writes), applying
+    (through :attr:`applier`), :meth:`commit`; :meth:`fail` drops everything.
+
+    Every job is recorded in the SR's ``imports`` table from its start to its
+    outcome.  A streamed VHD drives the same phases as its bytes arrive.
+    """
+
+    def __init__(
+        self,
+        sr: LocalSR,
+        *,
+        name: str,
+        fmt: str,
+        target: str | None,
+        new_name: str | None = None,
+        force: bool = False,
+        received: int = 0,
+    ) -> None:
+        self.sr = sr
+        self.name = name
+        self.fmt = fmt
+        self.target = target
+        self.new_name = new_name
+        self.force = force
+        self.started = time.monotonic()
+        self.id = _record_start(sr, name, target, fmt, received)
+        self.writer: ChunkWriter | None = None
+        self._applier: Applier | None = None
+        self.finished = False
+
+    @property
+    def applier(self) -> Applier:
+        assert self._applier is not None, "prepare() first"
+        return self._applier
+
+    def prepare(self, parsed: ParsedImage | None, image_size: int) -> None:
+        """Check sizes, the target and a delta's base; open the writer."""
+        sr, name, target = self.sr, self.name, self.target
+        is_delta = parsed is not None and parsed.is_delta
+        if target is None:
+            if is_delta:
+                raise InvalidArgument(
+                    f"{name} is a delta: it can only be imported into the VDI holding its base"
+                )
+            if image_size == 0:
+                raise InvalidArgument(f"{name} is empty: nothing to create a VDI from")
+            writer = ChunkWriter(
+                sr, None, replace=True, new_vdi=(self.new_name or name, image_size)
+            )
+            base_map = None
+        else:
+            record, target_map = sr.snapshot_state(target)
+            if record.is_a_snapshot:
+                raise ReadOnly(f"VDI {target} is a snapshot: it cannot be imported into")
+            if image_size > record.virtual_size:
+                raise TooLarge(
+                    f"{name} holds {image_size} bytes but VDI {target} has {record.virtual_size}"
+                )
+            if is_delta and not self.force:
+                assert parsed is not None
+                check_base(sr, record, target_map, parsed, name)
+            # A full image replaces the disk; raw and deltas change what they carry.
+            replace = parsed is not None and not is_delta
+            writer = ChunkWriter(sr, target, replace=replace)
+            writer.expect_generation = record.generation
+            base_map = None if replace else target_map
+        writer.import_identity = parsed.identity if parsed is not None else None
+        writer.import_name = PurePosixPath(name).name
+        self.writer = writer
+        self._applier = Applier(sr, writer, base_map)
+
+    def commit(self) -> ImportResult:
+        writer = self.writer
+        assert writer is not None
+        self.applier.finish()
+        record = writer.commit()
+        self.finished = True
+        seconds = time.monotonic() - self.started
+        _record_end(self.sr, self.id, "done", None, 0, writer.chunks_written, seconds, record.uuid)
+        log.info(
+            "import %s into %s: %d chunks in %.2f s",
+            self.name,
+            record.uuid,
+            writer.chunks_written,
+            seconds,
+        )
+        return ImportResult(
+            self.id, record.uuid, writer.chunks_written, self.applier.bytes_applied, seconds
+        )
+
+    def cancel(self) -> None:
+        """Forget this job entirely (a streamed upload fell back to a whole parse)."""
+        if self.writer is not None:
+            self.writer.abort()
+        self.finished = True
+        with self.sr.transaction() as db:
+            db.execute("DELETE FROM imports WHERE id = ?", (self.id,))
+
+    def fail(self, exc: BaseException) -> None:
+        """Drop what was staged and record why; the target is as it was."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.writer is not None:
+            self.writer.abort()
+        if isinstance(exc, VdifsError):
+            message, code = str(exc), exc.errno
+        else:
+            message, code = f"internal error: {exc!r}", errno_module.EIO
+        _record_end(self.sr, self.id, "failed", message, code, 0, time.monotonic() - self.started)
+
+
 def run_import(
     sr: LocalSR,
     *,
@@ -222,85 +335,29 @@ def run_import(
     target: str | None,
     new_name: str | None = None,
     force: bool = False,
-    bytes_received: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ImportResult:
-    """Validate and apply one image; record the outcome whatever it is."""
-    started = time.monotonic()
-    import_id = _record_start(
-        sr, name, target, fmt, size if bytes_received is None else bytes_received
+    """Validate and apply one whole image; record the outcome whatever it is."""
+    job = ImportJob(
+        sr, name=name, fmt=fmt, target=target, new_name=new_name, force=force, received=size
     )
-    writer: ChunkWriter | None = None
     try:
         parsed = parse_image(fmt, read_at, size)
-        image_size = size if parsed is None else parsed.virtual_size
-        is_delta = parsed is not None and parsed.is_delta
-        if target is None:
-            if is_delta:
-                raise InvalidArgument(
-                    f"{name} is a delta: it can only be imported into the VDI holding its base"
-                )
-            if image_size == 0:
-                raise InvalidArgument(f"{name} is empty: nothing to create a VDI from")
-            writer = ChunkWriter(sr, None, replace=True, new_vdi=(new_name or name, image_size))
-            base_map = None
-        else:
-            record, target_map = sr.snapshot_state(target)
-            if record.is_a_snapshot:
-                raise ReadOnly(f"VDI {target} is a snapshot: it cannot be imported into")
-            if image_size > record.virtual_size:
-                raise TooLarge(
-                    f"{name} holds {image_size} bytes but VDI {target} has {record.virtual_size}"
-                )
-            if is_delta and not force:
-                assert parsed is not None
-                check_base(sr, record, target_map, parsed, name)
-            # A full image replaces the disk; raw and deltas change what they carry.
-            replace = parsed is not None and not is_delta
-            writer = ChunkWriter(sr, target, replace=replace)
-            writer.expect_generation = record.generation
-            base_map = None if replace else target_map
-        writer.import_identity = parsed.identity if parsed is not None else None
-        writer.import_name = PurePosixPath(name).name
-        applier = Applier(sr, writer, base_map)
+        job.prepare(parsed, size if parsed is None else parsed.virtual_size)
         if parsed is None:
             for offset in range(0, size, READ_PIECE):
                 data = read_at(offset, min(READ_PIECE, size - offset))
                 if len(data) != min(READ_PIECE, size - offset):
                     raise MalformedImage(f"{name} ended early at byte {offset + len(data)}")
-                applier.write(offset, data)
+                job.applier.write(offset, data)
                 if progress:
                     progress(offset + len(data))
         else:
-            _apply_writes(parsed, read_at, applier, progress)
-        applier.finish()
-        record = writer.commit()
-    except VdifsError as exc:
-        if writer is not None:
-            writer.abort()
-        _record_end(sr, import_id, "failed", str(exc), exc.errno, 0, time.monotonic() - started)
-        raise
+            _apply_writes(parsed, read_at, job.applier, progress)
+        return job.commit()
     except BaseException as exc:
-        if writer is not None:
-            writer.abort()
-        _record_end(
-            sr,
-            import_id,
-            "failed",
-            f"internal error: {exc!r}",
-            errno_module.EIO,
-            0,
-            time.monotonic() - started,
-        )
+        job.fail(exc)
         raise
-    seconds = time.monotonic() - started
-    _record_end(sr, import_id, "done", None, 0, writer.chunks_written, seconds, record.uuid)
-    log.info(
-        "import %s into %s: %d chunks in %.2f s", name, record.uuid, writer.chunks_written, seconds
-    )
-    return ImportResult(
-        import_id, record.uuid, writer.chunks_written, applier.bytes_applied, seconds
-    )
 
 
 def _apply_writes(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from vdifs.errors import Busy, InvalidArgument, NotFound, ReadOnly, TooLarge
 from vdifs.imports import (
+    ImportJob,
     ImportName,
     ImportResult,
     file_reader,
@@ -33,6 +34,7 @@ from vdifs.imports import (
     run_import,
 )
 from vdifs.storage.local import LocalSR
+from vdifs.streaming import VhdStream
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,30 @@ class Upload:
     writers: set[int] = field(default_factory=set)
     mtime_ns: int = field(default_factory=time.time_ns)
     settled_ns: int | None = None  # applied (or refused) and its data dropped
+    stream: VhdStream | None = None  # a VHD applied as it arrives
+
+    def start_stream(self) -> None:
+        """Apply a validly named VHD while it arrives (see vdifs.streaming)."""
+        request = self.request
+        self.stream = None
+        if request is None or request.fmt != "vhd":
+            return
+
+        def make_job() -> ImportJob:
+            return ImportJob(
+                self.sr,
+                name=self.name,
+                fmt="vhd",
+                target=request.target,
+                new_name=request.new_name,
+            )
+
+        self.stream = VhdStream(make_job, self.fd)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether writes go through the stream (blocking work: off the event loop)."""
+        return self.stream is not None and (self.stream.active or self.stream.state == "failed")
 
     def write(self, offset: int, data: bytes) -> int:
         end = offset + len(data)
@@ -116,6 +142,8 @@ class Upload:
         self.size = max(self.size, offset + written)
         self.dirty = True
         self.mtime_ns = time.time_ns()
+        if self.stream is not None:
+            self.stream.feed(offset, data[:written])
         return written
 
     def read(self, offset: int, length: int) -> bytes:
@@ -127,6 +155,8 @@ class Upload:
     def truncate(self, size: int) -> None:
         if size > MAX_UPLOAD_SIZE:
             raise TooLarge(f"an upload may not exceed {MAX_UPLOAD_SIZE} bytes")
+        if self.stream is not None:
+            self.stream.truncated_to(size)
         os.ftruncate(self.fd, size)
         self.size = size
         self.dirty = True
@@ -142,6 +172,11 @@ class Upload:
         assert self.request is not None
         self.applied = True
         request = self.request
+        stream = self.stream
+        if stream is not None and stream.state in ("streaming", "failed"):
+            return stream.finish(self.size, file_reader(self.fd))
+        if stream is not None:
+            stream.close()
         return run_import(
             self.sr,
             name=self.name,
@@ -154,6 +189,9 @@ class Upload:
 
     def discard(self) -> None:
         """Drop the staged data and the target lock."""
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -233,6 +271,7 @@ class Uploads:
         # A created file is an attempt even if nothing is written: an empty
         # image is refused, never silently ignored.
         upload = Upload(self.sr, name, path, fd, request, lock_fd, dirty=True)
+        upload.start_stream()
         upload.writers.add(pid)
         self.entries[name] = upload
         return upload
@@ -255,6 +294,7 @@ class Uploads:
         upload.applied = upload.dirty = False
         upload.truncate(0 if truncate else upload.size)
         upload.dirty = truncate
+        upload.start_stream()
         upload.settled_ns = None
         upload.writers = {pid}
 
@@ -289,6 +329,9 @@ class Uploads:
         upload.lock_fd = lock_fd
         upload.request = request
         upload.name = new
+        if upload.stream is not None:
+            upload.stream.close()
+            upload.stream = None  # renamed after the fact: parse the staged whole
         upload.applied = False
         upload.dirty = upload.dirty or upload.size > 0
         del self.entries[old]

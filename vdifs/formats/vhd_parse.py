@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import NamedTuple
 
-from vdifs.errors import MalformedImage, TooLarge, Unsupported
+from vdifs.errors import MalformedImage, TooLarge, Unsupported, VdifsError
 from vdifs.formats import c_vhd
 
 SECTOR_SIZE = c_vhd.SECTOR_SIZE
@@ -35,6 +35,8 @@ MAX_TABLE_ENTRIES = 1 << 20
 entry) before anything is allocated.  Smaller blocks on a disk beyond
 ``MAX_TABLE_ENTRIES * block_size`` are refused as too large."""
 BAT_READ_ENTRIES = 64 * 1024
+MAX_STREAM_HEAD = 16 * 1024 * 1024
+"""Metadata a streamed VHD may put before its first block (a 2040 GiB BAT is 4 MiB)."""
 """The BAT is read this many entries (256 KiB) at a time."""
 BLOCK_INDEX_BITS = (MAX_TABLE_ENTRIES - 1).bit_length()
 BAT_ARRAY_TYPE = "I"
@@ -49,6 +51,23 @@ class Write(NamedTuple):
     virtual_offset: int
     length: int
     file_offset: int
+
+
+class BlockSpan(NamedTuple):
+    """Where one allocated block lies in the file: its bitmap, then its data."""
+
+    block: int
+    bitmap_offset: int
+    bitmap_size: int
+    block_size: int
+
+    @property
+    def data_offset(self) -> int:
+        return self.bitmap_offset + self.bitmap_size
+
+    @property
+    def end(self) -> int:
+        return self.data_offset + self.block_size
 
 
 @dataclass(frozen=True)
@@ -86,28 +105,41 @@ class ParsedImage:
             if self.virtual_size:
                 yield Write(0, self.virtual_size, 0)
             return
-        blocks = self._blocks
-        sectors_per_block = blocks.block_size // SECTOR_SIZE
-        bitmap_size = c_vhd.bitmap_size(blocks.block_size)
-        used_bitmap_bytes = -(-sectors_per_block // 8)
+        used_bitmap_bytes = -(-self._blocks.block_size // SECTOR_SIZE // 8)
+        for span in self.blocks():
+            bitmap = _read_exactly(self._blocks.read_at, span.bitmap_offset, used_bitmap_bytes)
+            yield from self.block_writes(span, bitmap)
+
+    def blocks(self) -> Iterator[BlockSpan]:
+        """The allocated blocks in file order (none for a fixed image)."""
+        if self._blocks is None:
+            return
+        block_size = self._blocks.block_size
+        bitmap_size = c_vhd.bitmap_size(block_size)
         index_mask = (1 << BLOCK_INDEX_BITS) - 1
-        for key in blocks.keys:
-            block_index = key & index_mask
-            bitmap_offset = (key >> BLOCK_INDEX_BITS) * SECTOR_SIZE
-            virtual_start = block_index * blocks.block_size
-            valid_sectors = min(
-                sectors_per_block, (self.virtual_size - virtual_start) // SECTOR_SIZE
+        for key in self._blocks.keys:
+            yield BlockSpan(
+                key & index_mask, (key >> BLOCK_INDEX_BITS) * SECTOR_SIZE, bitmap_size, block_size
             )
-            if valid_sectors <= 0:
-                continue  # a block past the disk, in a table longer than needed
-            bitmap = _read_exactly(blocks.read_at, bitmap_offset, used_bitmap_bytes)
-            data_offset = bitmap_offset + bitmap_size
-            for first, end in _set_runs(bitmap, valid_sectors):
-                yield Write(
-                    virtual_start + first * SECTOR_SIZE,
-                    (end - first) * SECTOR_SIZE,
-                    data_offset + first * SECTOR_SIZE,
-                )
+
+    def block_writes(self, span: BlockSpan, bitmap: bytes) -> Iterator[Write]:
+        """The runs of one block whose bitmap bit is set, clipped to the virtual size.
+
+        ``bitmap`` is (at least) the block's used bitmap bytes; a streaming
+        importer passes it once the block has arrived.
+        """
+        sectors_per_block = span.block_size // SECTOR_SIZE
+        virtual_start = span.block * span.block_size
+        valid_sectors = min(sectors_per_block, (self.virtual_size - virtual_start) // SECTOR_SIZE)
+        if valid_sectors <= 0:
+            return  # a block past the disk, in a table longer than needed
+        bitmap = bitmap[: -(-sectors_per_block // 8)]
+        for first, end in _set_runs(bitmap, valid_sectors):
+            yield Write(
+                virtual_start + first * SECTOR_SIZE,
+                (end - first) * SECTOR_SIZE,
+                span.data_offset + first * SECTOR_SIZE,
+            )
 
 
 def parse_vhd(read_at: ReadAt, file_size: int) -> ParsedImage:
@@ -349,3 +381,59 @@ def _read_exactly(read_at: ReadAt, offset: int, length: int) -> bytes:
     if len(data) != length:
         raise MalformedImage(f"VHD truncated: {len(data)} of {length} bytes at {offset}")
     return data
+
+
+class NotStreamable(Exception):
+    """The image's metadata does not lead the file: parse it whole once it is complete."""
+
+
+def metadata_length(head: bytes | bytearray) -> int:
+    """Bytes from offset 0 that hold a dynamic VHD's footer copy, header and BAT.
+
+    A streaming importer calls this as the file's first bytes arrive; while
+    the answer exceeds ``len(head)`` it needs more.  Raises
+    :class:`NotStreamable` for a fixed VHD, a damaged head (the whole-file
+    parse gives the precise verdict) or metadata beyond :data:`MAX_STREAM_HEAD`.
+    """
+    if len(head) < c_vhd.FOOTER_SIZE:
+        return c_vhd.FOOTER_SIZE
+    try:
+        footer = _Footer.parse(bytes(head[: c_vhd.FOOTER_SIZE]))
+    except VdifsError as exc:
+        raise NotStreamable(str(exc)) from None
+    if footer.disk_type == c_vhd.DISK_TYPE_FIXED:
+        raise NotStreamable("a fixed VHD has no footer copy at offset 0")
+    need = footer.data_offset + c_vhd.HEADER_SIZE
+    if need > MAX_STREAM_HEAD or footer.data_offset < c_vhd.FOOTER_SIZE:
+        raise NotStreamable("the dynamic header is not near the start")
+    if len(head) < need:
+        return need
+    try:
+        header = _Header.parse(bytes(head[footer.data_offset : need]))
+    except VdifsError as exc:
+        raise NotStreamable(str(exc)) from None
+    bat_end = header.table_offset + header.table_entries * c_vhd.BAT_ENTRY.size
+    if bat_end > MAX_STREAM_HEAD or header.table_entries > MAX_TABLE_ENTRIES:
+        raise NotStreamable("the block allocation table is not near the start")
+    return max(need, bat_end)
+
+
+def streamed_size(head: bytes | bytearray) -> int:
+    """The smallest file that can hold the blocks the BAT in ``head`` names, footer included.
+
+    A streaming importer parses with this presumed size before the end has
+    arrived, and checks at the end that the real footer matches the copy.
+    """
+    footer = _Footer.parse(bytes(head[: c_vhd.FOOTER_SIZE]))
+    header = _Header.parse(bytes(head[footer.data_offset : footer.data_offset + c_vhd.HEADER_SIZE]))
+    entries = array(BAT_ARRAY_TYPE)
+    bat_size = header.table_entries * c_vhd.BAT_ENTRY.size
+    entries.frombytes(bytes(head[header.table_offset : header.table_offset + bat_size]))
+    if sys.byteorder != "big":
+        entries.byteswap()
+    used = [e for e in entries if e != c_vhd.BAT_UNUSED]
+    last_end = header.table_offset + bat_size
+    if used:
+        span = c_vhd.bitmap_size(header.block_size) + header.block_size
+        last_end = max(last_end, max(used) * SECTOR_SIZE + span)
+    return c_vhd.round_up_to_sector(last_end) + c_vhd.FOOTER_SIZE

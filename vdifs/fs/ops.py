@@ -96,6 +96,7 @@ class VdifsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._live: dict[str, LiveDisk] = {}
         self._flush_locks: dict[str, trio.Lock] = {}
+        self._upload_locks: dict[int, trio.Lock] = {}
         self.uid = os.geteuid()
         self.gid = os.getegid()
 
@@ -315,8 +316,17 @@ class VdifsOperations(pyfuse3.Operations):
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
-        if handle.upload is not None:
-            return handle.upload.write(off, buf)
+        upload = handle.upload
+        if upload is not None:
+            if not upload.streaming:
+                return upload.write(off, buf)  # a page-cache write: stays on the loop
+            # Applying blocks as they arrive hashes and stores: one thread hop per
+            # request, one request at a time per upload, in arrival order.
+            lock = self._upload_locks.setdefault(id(upload), trio.Lock())
+            async with lock:
+                return await trio.to_thread.run_sync(
+                    upload.write, off, buf, limiter=BACKEND_LIMITER
+                )
         live = handle.live
         if live is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -373,6 +383,8 @@ class VdifsOperations(pyfuse3.Operations):
             handle.upload.handles -= 1
             if handle.upload.applied:
                 self.tree.uploads.finish(handle.upload)
+            if handle.upload.handles == 0:
+                self._upload_locks.pop(id(handle.upload), None)
         live = handle.live
         if live is not None:
             live.open_handles -= 1
