@@ -290,8 +290,10 @@ class VdifsOperations(pyfuse3.Operations):
         export: Export | None = self.tree.open_export(node, write=write)
         immutable = self.tree.is_immutable(node)
         live = None
-        if kind == "raw" and not immutable:
-            # A live disk is read through its write buffer, never a pinned state.
+        if kind == "raw" and not immutable and write:
+            # A writer reads through its write buffer.  A read-only open of a
+            # live disk pins the state at open, like an ephemeral snapshot: a
+            # reader never sees half of an import.
             live = self._live_disk(node[1])
             live.open_handles += 1
             export = None
