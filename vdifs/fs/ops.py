@@ -348,7 +348,7 @@ class VdifsOperations(pyfuse3.Operations):
             finally:
                 self.tree.refresh()
                 live.end_flush(ok=ok)
-            self._invalidate(live.uuid, skip_raw=True)
+            await self._invalidate(live.uuid, skip_raw=True)
 
     async def _apply_upload(self, upload: Upload) -> None:
         """Apply a finished upload off the loop; its error becomes this call's errno."""
@@ -529,14 +529,19 @@ class VdifsOperations(pyfuse3.Operations):
 
     # -- watching the SR ----------------------------------------------------------------
 
-    def _invalidate(self, uuid: str, *, skip_raw: bool = False) -> None:
-        for node in self.tree.inode_nodes_of(uuid):
-            if skip_raw and node[0] == "raw":
-                continue
-            ino = self._inodes.get(node)
-            if ino is not None:
-                with contextlib.suppress(OSError):  # the kernel had nothing cached
-                    pyfuse3.invalidate_inode(ino, attr_only=False)
+    async def _invalidate(self, uuid: str, *, skip_raw: bool = False) -> None:
+        """Drop the kernel's cached pages and attributes of a changed VDI's files.
+
+        Off the loop, always: the kernel waits for page locks held by reads
+        that only this loop can answer (measured: a deadlock otherwise).
+        """
+        inodes = [
+            ino
+            for node in self.tree.inode_nodes_of(uuid)
+            if not (skip_raw and node[0] == "raw") and (ino := self._inodes.get(node)) is not None
+        ]
+        if inodes:
+            await trio.to_thread.run_sync(_invalidate_inodes, inodes)
 
     async def watch_sr(self) -> None:
         """Show changes made by other processes (the CLI) within a second."""
@@ -550,4 +555,10 @@ class VdifsOperations(pyfuse3.Operations):
             for uuid in changed:
                 if uuid in self._live and self._live[uuid].dirty:
                     continue  # our own buffered writes stay visible
-                self._invalidate(uuid)
+                await self._invalidate(uuid)
+
+
+def _invalidate_inodes(inodes: list[int]) -> None:
+    for ino in inodes:
+        with contextlib.suppress(OSError):  # the kernel had nothing cached
+            pyfuse3.invalidate_inode(ino, attr_only=False)
