@@ -145,6 +145,8 @@ def test_nightly_vhd_chains_retention_and_restores(
     vdi = make_vdi(cli, mnt, "web")
     backup = tmp_path / "backup"
     opts = ["-m", str(mnt.path), "-d", str(backup), "--full-every", "3", "--keep", "2"]
+    if shutil.which("vhdimount"):
+        opts.append("--verify-chain")  # vhdimount the chain, cmp with the snapshot
     expected = []
     for n in range(1, 8):
         expected.append(night(mnt, vdi, n))
@@ -286,6 +288,11 @@ def test_failures_are_loud_and_leave_no_trace(
     # Restoring into a snapshot is refused.
     (newest,) = snapshots_of(cli, vdi)
     assert "read-only" in scripts.restore("--into", newest["uuid"], str(first), rc=1).stderr
+    # Without raw.img checksums, a restore says it could not verify.
+    scripts.backup(*opts, "--full", "--raw-sha256", "never", "app")
+    unchecked = chains(backup, vdi)[-1]
+    assert entries(unchecked)[0]["raw_sha"] == "-"
+    assert "not verified" in scripts.restore(str(unchecked)).stderr
 
 
 def test_a_dead_daemon_is_reported(cli: Cli, mount_factory: Any, scripts: Scripts) -> None:
