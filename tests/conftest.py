@@ -24,6 +24,11 @@ import pytest
 
 from vdifs.storage.local import LocalSR
 
+# Fuzzing: a fixed, deterministic run in the suite; a long random one on demand:
+#   VDIFS_FUZZ_EXAMPLES=50000 .venv/bin/pytest tests/formats -k fuzz
+FUZZ_EXAMPLES = int(os.environ.get("VDIFS_FUZZ_EXAMPLES", "400"))
+FUZZ_DERANDOMIZE = "VDIFS_FUZZ_EXAMPLES" not in os.environ
+
 FUSE_MISSING = (
     "FUSE is not available (/dev/fuse or fusermount3 missing)"
     if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3"))

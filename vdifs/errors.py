@@ -48,6 +48,10 @@ class InvalidArgument(VdifsError):
     exit_code = 2
 
 
+class NameTooLong(InvalidArgument):
+    errno = errno.ENAMETOOLONG
+
+
 class MalformedImage(InvalidArgument):
     """An uploaded image does not follow its format: truncated, corrupt, hostile."""
 

@@ -31,7 +31,7 @@ from vdifs.errors import (
 )
 from vdifs.formats.base import CHUNK_SIZE
 from vdifs.storage.blockmap import BlockMap
-from vdifs.storage.local import ChunkWriter, LocalSR, VdiRecord, utc_iso
+from vdifs.storage.local import ChunkWriter, LocalSR, VdiRecord, safe_text, utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,7 @@ def _record_start(sr: LocalSR, name: str, target: str | None, fmt: str, received
         cur = db.execute(
             "INSERT INTO imports(name, target, format, state, bytes_received, started)"
             " VALUES (?, ?, ?, 'running', ?, ?)",
-            (name, target, fmt, received, utc_iso(time.time_ns())),
+            (safe_text(name), target, fmt, received, utc_iso(time.time_ns())),
         )
         # Keep the history bounded.
         db.execute("DELETE FROM imports WHERE id <= ?", ((cur.lastrowid or 0) - 1000,))

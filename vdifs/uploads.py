@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import secrets
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vdifs.errors import Busy, InvalidArgument, NotFound, ReadOnly, TooLarge
+from vdifs.errors import Busy, InvalidArgument, NameTooLong, NotFound, ReadOnly, TooLarge
 from vdifs.imports import (
     ImportJob,
     ImportName,
@@ -33,7 +34,7 @@ from vdifs.imports import (
     record_interrupted,
     run_import,
 )
-from vdifs.storage.local import LocalSR
+from vdifs.storage.local import LocalSR, check_name
 from vdifs.streaming import VhdStream
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ PF_EXITING = 0x4  # linux/sched.h: the task is exiting
 
 def target_lock(sr: LocalSR, key: str) -> int:
     """Hold the one-import-per-target lock; raises Busy if someone else does."""
-    fd = os.open(sr.staging_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Hashed: a key is a uuid or a VDI name of up to 255 bytes, longer than a file name allows.
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    fd = os.open(sr.staging_dir / f"{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -228,10 +231,14 @@ class Uploads:
                 os.unlink(entry.path)
 
     def _request(self, name: str) -> ImportName | None:
-        if "/" in name or "\0" in name or len(name.encode()) > 255:
+        if len(name.encode("utf-8", "surrogateescape")) > 255:
+            raise NameTooLong(f"a file name holds at most 255 bytes: {name[:40]!r}...")
+        if "/" in name or "\0" in name:
             raise InvalidArgument(f"invalid file name {name!r}")
         known = {r.uuid for r in self.sr.list_vdis()}
         request = parse_import_name(name, known)
+        if request is not None and request.new_name is not None:
+            check_name(request.new_name)  # refused at create, before any byte is sent
         if (
             request is not None
             and request.target is not None

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import FUZZ_DERANDOMIZE, FUZZ_EXAMPLES
 from tests.formats.test_qcow2 import allocation_of, identity, random_chunks, write_raw
 from vdifs.errors import MalformedImage, TooLarge, Unsupported
 from vdifs.formats import c_qcow2, qcow2_parse
@@ -598,9 +599,9 @@ def check_parse_outcome(image: bytes) -> None:
 
 
 @settings(
-    max_examples=400,
+    max_examples=FUZZ_EXAMPLES,
     deadline=None,
-    derandomize=True,
+    derandomize=FUZZ_DERANDOMIZE,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(data=st.data())

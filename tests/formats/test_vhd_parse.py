@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import FUZZ_DERANDOMIZE, FUZZ_EXAMPLES
 from vdifs.errors import MalformedImage, TooLarge, Unsupported
 from vdifs.formats import c_vhd
 from vdifs.formats.base import (
@@ -554,8 +555,8 @@ def damaged_images(draw: st.DrawFn) -> bytes:
 
 
 @settings(
-    max_examples=400,
-    derandomize=True,
+    max_examples=FUZZ_EXAMPLES,
+    derandomize=FUZZ_DERANDOMIZE,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

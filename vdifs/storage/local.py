@@ -54,7 +54,7 @@ SCHEMA_VERSION = 1
 ZERO_CHUNK = bytes(CHUNK_SIZE)
 PACK_SLOTS = 16384  # 1 GiB per pack: few files, yet a failed import wastes at most that
 MAX_VIRTUAL_SIZE = 64 << 40  # 64 TiB: qcow2 serves it; keeps block-map rows within u32 indexes
-STALE_PACK_SECONDS = 60  # an unsealed, unlocked pack this old was left by a crash
+STALE_PACK_SECONDS = 60  # a pack still without its name this long was left by a crash
 DIGEST_BYTES = 16  # SHA-256 prefix: 2^64 birthday bound, half the index size
 
 _SCHEMA = """
@@ -138,6 +138,11 @@ def default_sr_path() -> Path:
     if env:
         return Path(env)
     return Path.home() / ".local/share/vdifs/sr"
+
+
+def safe_text(text: str) -> str:
+    """A file name that may hold undecodable bytes, as storable, printable text."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def utc_iso(ns: int) -> str:
@@ -602,29 +607,41 @@ class LocalSR:
     # -- housekeeping -----------------------------------------------------------
 
     def remove_stale_packs(self) -> int:
-        """Delete pack files no transaction committed and nobody is writing."""
-        known = {r[0] for r in self.db.execute("SELECT id FROM packs")}
+        """Delete pack files no transaction committed and nobody is writing.
+
+        A writer holds an flock on its pack from before the file has its name
+        until after its commit, so a pack we can lock is finished: if the
+        packs table (read *after* taking the lock) does not name it, it was
+        left by a crash or an abort.
+        """
         removed = 0
         now = time.time()
         for entry in os.scandir(self.packs_dir):
             stem, _, ext = entry.name.partition(".")
+            if ext == "pack.new" and now - entry.stat().st_mtime > STALE_PACK_SECONDS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)  # died between creating and naming it
+                continue
             try:
                 pack = int(stem, 16)
             except ValueError:
                 continue
-            if ext != "pack" or pack in known:
+            if ext != "pack":
                 continue
-            if now - entry.stat().st_mtime < STALE_PACK_SECONDS:
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
                 continue
-            fd = os.open(entry.path, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                committed = self.db.execute("SELECT 1 FROM packs WHERE id = ?", (pack,))
+                if committed.fetchone() is None:
+                    os.unlink(entry.path)
+                    removed += 1
             except BlockingIOError:
-                continue  # a live writer holds it
+                pass  # a live writer holds it
             finally:
                 os.close(fd)
-            os.unlink(entry.path)
-            removed += 1
         if removed:
             log.info("removed %d pack(s) left behind by an interrupted write", removed)
         return removed
@@ -716,15 +733,21 @@ class ChunkWriter:
             pack = secrets.randbelow((1 << 31) - 1) + 1
             if self.sr.db.execute("SELECT 1 FROM packs WHERE id = ?", (pack,)).fetchone():
                 continue  # in use, or retired by garbage collection: never reused
+            # Locked before it has its name: remove_stale_packs never sees it unlocked.
+            final = self.sr._pack_path(pack)
+            temporary = final.with_name(final.name + ".new")
             try:
-                fd = os.open(
-                    self.sr._pack_path(pack),
-                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                    0o600,
-                )
+                fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 continue
             fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                os.link(temporary, final)
+            except FileExistsError:
+                os.close(fd)
+                continue
+            finally:
+                os.unlink(temporary)
             self._packs.append((pack, fd, 0))
             return
 
@@ -910,7 +933,11 @@ def check_size(size: int) -> int:
 
 
 def check_name(name: str) -> None:
-    if not name or "\0" in name or len(name.encode()) > 255:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"a name must be UTF-8 text: {safe_text(name)!r}") from None
+    if not name or "\0" in name or len(encoded) > 255:
         raise InvalidArgument("a name must be 1 to 255 bytes with no NUL")
     if name in (".", ".."):
         raise InvalidArgument("'.' and '..' are not names")
