@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -393,3 +394,72 @@ def test_a_sequential_vhd_is_applied_as_it_arrives(cli: Cli, mnt: Mount, tmp_pat
     status = json.loads((mnt.path / "import" / ".status" / f"{target}.vhd.json").read_text())
     assert status["state"] == "failed" and "front to back" in status["error"]
     assert staged_bytes(cli.sr) == 0
+
+
+def test_sizes_are_fresh_right_after_an_import(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
+    target = cli("vdi", "create", "fresh", "--size", "8M")
+    appear(mnt, target)
+    before = (mnt.vdi(target) / "full.vhd").stat().st_size  # cached by the kernel now
+    raw = tmp_path / "x.raw"
+    raw.write_bytes(os.urandom(8 * MiB))
+    assert copy_in(raw, mnt.path / "import" / f"{target}.raw") == 0
+    out = tmp_path / "copy.vhd"
+    shutil.copyfile(mnt.vdi(target) / "full.vhd", out)  # no wait: must not be cut short
+    assert out.stat().st_size > before
+    subprocess.run(
+        ["qemu-img", "compare", "-f", "vpc", "-F", "raw", str(out), str(raw)], check=True
+    )
+
+
+def test_a_mistyped_uuid_is_not_a_new_vdi(cli: Cli, mnt: Mount) -> None:
+    with pytest.raises(OSError) as exc:
+        os.open(
+            mnt.path / "import" / "01234567-89ab-cdef-0123-456789abcdef.raw",
+            os.O_WRONLY | os.O_CREAT,
+            0o600,
+        )
+    assert exc.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as exc:
+        os.mkdir(mnt.path / "vdis" / "new")
+    assert exc.value.errno == errno.EACCES
+
+
+def test_a_failed_upload_can_be_retried_at_once(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
+    target = cli("vdi", "create", "retry", "--size", "4M")
+    appear(mnt, target)
+    bad = tmp_path / "bad.raw"
+    bad.write_bytes(b"x" * (5 * MiB))  # larger than the VDI
+    assert copy_in(bad, mnt.path / "import" / f"{target}.raw") == errno.EFBIG
+    assert f"{target}.raw" not in os.listdir(mnt.path / "import")
+    good = tmp_path / "good.raw"
+    good.write_bytes(b"y" * MiB)
+    assert copy_in(good, mnt.path / "import" / f"{target}.raw") == 0
+
+
+def test_restore_after_checkpoint_and_gc(cli: Cli, tmp_path: Path) -> None:
+    vdi = cli("vdi", "create", "cbt", "--size", "4M")
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    a.write_bytes(os.urandom(4 * MiB))
+    b.write_bytes(a.read_bytes()[: 2 * MiB] + os.urandom(2 * MiB))
+    cli("import", vdi, str(a))
+    s1 = cli("vdi", "snapshot", vdi)
+    cli("export", s1, str(tmp_path / "s1.vhd"), "--format", "vhd")
+    cli("import", vdi, str(b))
+    s2 = cli("vdi", "snapshot", vdi)
+    cli("export", s2, str(tmp_path / "s2.vhd"), "--format", "vhd", "--base", s1)
+    cli("vdi", "data-destroy", s1)
+    cli("vdi", "destroy", vdi)
+    cli("sr", "gc")
+    restored = cli("import", "--create", "r", str(tmp_path / "s1.vhd"))
+    cli("import", restored, str(tmp_path / "s2.vhd"))
+    assert export_sha(cli, restored) == hashlib.sha256(b.read_bytes()).hexdigest()
+    assert cli("vdi", "snapshot", "r") and cli("vdi", "snapshot", "r")  # names resolve to the VDI
+
+
+def export_sha(cli: Cli, uuid: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "vdifs", "--sr", str(cli.sr), "export", uuid, "-"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    return hashlib.sha256(out).hexdigest()

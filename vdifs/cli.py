@@ -47,6 +47,9 @@ def resolve_vdi(sr: LocalSR, key: str) -> VdiRecord:
     except NotFound:
         pass
     matches = [r for r in sr.list_vdis() if r.name_label == key]
+    live = [r for r in matches if not r.is_a_snapshot]
+    if len(live) == 1:
+        return live[0]  # snapshots share their VDI's name: the VDI is meant
     if len(matches) == 1:
         return matches[0]
     if not matches:
@@ -346,7 +349,8 @@ def cmd_import_status(sr: LocalSR, args: argparse.Namespace) -> None:
         outcome = item["state"]
         if item["error"]:
             outcome += f" ({item.get('errno_name', '')}: {item['error']})"
-        print(f"{item['id']:>5}  {item['started']}  {item['name']} -> {item['target']}  {outcome}")
+        target = item["target"] or "(a new VDI)"
+        print(f"{item['id']:>5}  {item['started']}  {item['name']} -> {target}  {outcome}")
 
 
 def cmd_mount(sr: LocalSR | None, args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from vdifs.errors import (
     InvalidArgument,
     MalformedImage,
+    NotFound,
     ReadOnly,
     TooLarge,
     VdifsError,
@@ -89,7 +90,12 @@ def parse_import_name(name: str, known_uuids: set[str] | None = None) -> ImportN
         is_uuid = str(uuidlib.UUID(stem)) == stem.lower()
     except ValueError:
         is_uuid = False
-    if is_uuid and (known_uuids is None or stem.lower() in known_uuids):
+    if is_uuid:
+        if known_uuids is not None and stem.lower() not in known_uuids:
+            # A mistyped target must not quietly become a new VDI named like a uuid.
+            raise NotFound(
+                f"no VDI {stem}: to create a new VDI, name the file after its name_label"
+            )
         return ImportName(fmt, stem.lower(), None)
     return ImportName(fmt, None, stem)
 
@@ -182,10 +188,21 @@ def check_base(
     parsed: ParsedImage,
     name: str,
 ) -> None:
-    """Refuse a delta unless the target holds exactly the base it was made on."""
+    """Refuse a delta unless the target holds exactly the base it was made on.
+
+    The target holds the base when the image most recently imported into it,
+    unchanged since, is that base; or when a snapshot of this SR is that
+    base and the target's blocks are the snapshot's.
+    """
     parent_id = parsed.parent_identity
     parent_file = PurePosixPath(parsed.parent_name or "").name
     parent_stem = parent_file.rpartition(".")[0] or parent_file
+    identity, last_name, generation = sr.last_import(target.uuid)
+    if generation == target.generation and (
+        (parent_id is not None and identity == parent_id)
+        or (parent_id is None and parent_file and parent_file == last_name)
+    ):
+        return
     for record in sr.list_vdis():
         if not record.is_a_snapshot:
             continue
@@ -199,12 +216,6 @@ def check_base(
                 f"{name} is a delta whose base is snapshot {record.uuid}, but VDI {target.uuid}"
                 " does not hold that base's content (use vdifs import --force to apply it anyway)"
             )
-    identity, last_name, generation = sr.last_import(target.uuid)
-    if generation == target.generation and (
-        (parent_id is not None and identity == parent_id)
-        or (parent_id is None and parent_file and parent_file == last_name)
-    ):
-        return
     what = f"parent {uuidlib.UUID(bytes=parent_id)}" if parent_id else f"backing {parent_file!r}"
     raise WrongBase(
         f"{name} is a delta ({what}) and VDI {target.uuid} does not hold its base: import the"
@@ -284,7 +295,7 @@ class ImportJob:
         self.writer = writer
         self._applier = Applier(sr, writer, base_map)
 
-    def commit(self) -> ImportResult:
+    def commit(self, received: int | None = None) -> ImportResult:
         writer = self.writer
         assert writer is not None
         self.applier.finish()
@@ -391,9 +402,9 @@ def _apply_writes(
 def _record_start(sr: LocalSR, name: str, target: str | None, fmt: str, received: int) -> int:
     with sr.transaction() as db:
         cur = db.execute(
-            "INSERT INTO imports(name, target, format, state, bytes_received, started)"
-            " VALUES (?, ?, ?, 'running', ?, ?)",
-            (safe_text(name), target, fmt, received, utc_iso(time.time_ns())),
+            "INSERT INTO imports(name, target, format, state, bytes_received, started, pid)"
+            " VALUES (?, ?, ?, 'running', ?, ?, ?)",
+            (safe_text(name), target, fmt, received, utc_iso(time.time_ns()), os.getpid()),
         )
         # Keep the history bounded.
         db.execute("DELETE FROM imports WHERE id <= ?", ((cur.lastrowid or 0) - 1000,))
@@ -409,12 +420,14 @@ def _record_end(
     chunks: int,
     seconds: float,
     target: str | None = None,
+    received: int | None = None,
 ) -> None:
     try:
         with sr.transaction() as db:
             db.execute(
                 "UPDATE imports SET state = ?, error = ?, errno = ?, chunks_applied = ?,"
-                " finished = ?, seconds = ?, target = COALESCE(?, target) WHERE id = ?",
+                " finished = ?, seconds = ?, target = COALESCE(?, target),"
+                " bytes_received = COALESCE(?, bytes_received) WHERE id = ?",
                 (
                     state,
                     error,
@@ -423,6 +436,7 @@ def _record_end(
                     utc_iso(time.time_ns()),
                     seconds,
                     target,
+                    received,
                     import_id,
                 ),
             )

@@ -251,7 +251,7 @@ class VhdStream:
             footer = read_at(size - c_vhd.FOOTER_SIZE, c_vhd.FOOTER_SIZE)
             if footer != bytes(self.head[: c_vhd.FOOTER_SIZE]):
                 raise MalformedImage("the footer at the end differs from the copy at offset 0")
-            return self.job.commit()
+            return self.job.commit(received=size)
         except BaseException as exc:
             self.job.fail(exc)
             self.state = "failed"

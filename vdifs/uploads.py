@@ -15,6 +15,7 @@ second upload (or a concurrent ``vdifs import``) gets EBUSY.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -74,6 +75,29 @@ def writer_was_killed(pid: int) -> bool:
     return bool(flags & PF_EXITING) and (exit_code & 0x7F) != 0
 
 
+def mark_interrupted_imports(sr: LocalSR) -> None:
+    """Imports left 'running' by a process that no longer exists are recorded as failed."""
+    rows = sr.db.execute("SELECT id, pid FROM imports WHERE state = 'running'").fetchall()
+    for import_id, pid in rows:
+        try:
+            os.kill(pid, 0)
+            continue  # still running somewhere
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        with sr.transaction() as db:
+            db.execute(
+                "UPDATE imports SET state = 'failed', errno = ?, error = ?"
+                " WHERE id = ? AND state = 'running'",
+                (
+                    errno.EIO,
+                    "interrupted: the process running it stopped; nothing was applied",
+                    import_id,
+                ),
+            )
+
+
 def still_open_by(pid: int, name: str) -> bool:
     """Whether a process holds another descriptor of ``import/<name>``.
 
@@ -111,7 +135,8 @@ class Upload:
     applied: bool = False
     writers: set[int] = field(default_factory=set)
     mtime_ns: int = field(default_factory=time.time_ns)
-    settled_ns: int | None = None  # applied (or refused) and its data dropped
+    settled_ns: int | None = None  # applied and its data dropped
+    failed: bool = False  # refused or failed: nothing to keep a stub for
     stream: VhdStream | None = None  # a VHD applied as it arrives
 
     def start_stream(self) -> None:
@@ -216,7 +241,11 @@ class Uploads:
         self.remove_stale()
 
     def remove_stale(self) -> None:
-        """Staging files of a daemon that died are garbage: nobody can finish them."""
+        """Staging files of a daemon that died are garbage: nobody can finish them.
+
+        Its imports still marked running are recorded as interrupted.
+        """
+        mark_interrupted_imports(self.sr)
         for entry in os.scandir(self.sr.staging_dir):
             if not entry.name.endswith(".upload"):
                 continue
@@ -357,6 +386,9 @@ class Uploads:
         that stat, chmod or utime the file after closing it (rsync) succeed.
         """
         if upload.handles == 0 and upload.settled_ns is None:
+            if upload.failed:
+                self.remove(upload)  # the same copy can be tried again at once
+                return
             upload.discard()
             upload.settled_ns = time.time_ns()
 
@@ -369,9 +401,13 @@ def apply_or_explain(upload: Upload) -> ImportResult:
     """Apply, unless the writer was killed mid-way; always leaves ``upload.applied``."""
     killed = [pid for pid in upload.writers if writer_was_killed(pid)]
     if killed:
-        upload.applied = True
+        upload.applied = upload.failed = True
         record_interrupted(upload.sr, upload.name, upload.request, upload.size)
         raise InvalidArgument(
             f"{upload.name}: the writer (pid {killed[0]}) was killed; not applied"
         )
-    return upload.apply()
+    try:
+        return upload.apply()
+    except BaseException:
+        upload.failed = True
+        raise

@@ -7,6 +7,7 @@ fail loudly instead of seeing an empty tree that ``rsync --delete`` would copy.
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
@@ -32,6 +33,39 @@ BASE_OPTIONS = frozenset(
 PASSTHROUGH = frozenset({"ro", "rw", "allow_other", "allow_root", "auto_unmount", "debug"})
 VDIFS_OPTIONS = frozenset({"snapshot_admin"})  # ours, not passed to FUSE
 MOUNT_WAIT_SECONDS = 20
+
+
+def mount_state(path: Path) -> str:
+    """``"none"``, ``"alive"`` or ``"dead"`` (a FUSE mount whose daemon is gone: ENOTCONN).
+
+    /proc/self/mountinfo is read rather than asking os.path.ismount, which
+    cannot stat a dead mount and would call it "not mounted".
+    """
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = {line.split()[4].replace("\\040", " ") for line in f}
+    if target not in points:
+        return "none"
+    try:
+        os.statvfs(target)  # never answered from a cache, unlike stat
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return "dead"
+        raise
+    return "alive"
+
+
+def check_free(mountpoint: Path) -> None:
+    state = mount_state(mountpoint)
+    if state == "none" and not mountpoint.is_dir():
+        raise InvalidArgument(f"mount point {mountpoint} is not a directory")
+    if state == "dead":
+        raise Busy(
+            f"{mountpoint} still holds a mount whose daemon died (ENOTCONN):"
+            f" run 'vdifs umount {mountpoint}' first"
+        )
+    if state == "alive":
+        raise Busy(f"{mountpoint} is already a mount point")
 
 
 def parse_options(text: str | None) -> set[str]:
@@ -65,10 +99,7 @@ async def _stop_on_signals() -> None:
 def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None:
     """Mount and serve until unmounted or signalled."""
     faulthandler.register(signal.SIGUSR1)
-    if not mountpoint.is_dir():
-        raise InvalidArgument(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise Busy(f"{mountpoint} is already a mount point")
+    check_free(mountpoint)
     sr = LocalSR(sr_path)
     tree = Tree(sr, read_only="ro" in options, snapshot_admin="snapshot_admin" in options)
     ops = VdifsOperations(tree)
@@ -88,10 +119,7 @@ def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None
 def mount_background(sr_path: Path, mountpoint: Path, option_text: str | None, debug: bool) -> None:
     """Start a foreground daemon detached, return once the mount answers."""
     parse_options(option_text)  # refuse bad options before forking anything
-    if not mountpoint.is_dir():
-        raise InvalidArgument(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise Busy(f"{mountpoint} is already a mount point")
+    check_free(mountpoint)
     sr_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = sr_path / "daemon.log"
     cmd = [sys.executable, "-m", "vdifs", "--sr", str(sr_path)]
@@ -126,7 +154,8 @@ def mount_background(sr_path: Path, mountpoint: Path, option_text: str | None, d
 
 
 def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
-    if not os.path.ismount(mountpoint):
+    """Unmount; a dead mount (its daemon gone) is detached as well."""
+    if mount_state(mountpoint) == "none":
         raise InvalidArgument(f"{mountpoint} is not mounted")
     cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)

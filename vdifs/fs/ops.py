@@ -342,13 +342,16 @@ class VdifsOperations(pyfuse3.Operations):
             if not live.begin_flush():
                 return
             ok = False
+            changed: set[str] = set()
             try:
                 await trio.to_thread.run_sync(live.commit, limiter=BACKEND_LIMITER)
                 ok = True
             finally:
-                self.tree.refresh()
+                # The new state is in place before the buffer lets go of the chunks.
+                changed = self.tree.refresh()
                 live.end_flush(ok=ok)
-            await self._invalidate(live.uuid, skip_raw=True)
+            # The writer's own raw.img pages already hold what it wrote.
+            await self._invalidate_changed(changed, keep_raw_of=live.uuid)
 
     async def _apply_upload(self, upload: Upload) -> None:
         """Apply a finished upload off the loop; its error becomes this call's errno."""
@@ -357,7 +360,7 @@ class VdifsOperations(pyfuse3.Operations):
                 apply_or_explain, upload, limiter=BACKEND_LIMITER
             )
         finally:
-            self.tree.refresh()
+            await self._refresh()
         log.info("imported %s into %s", upload.name, result.target)
 
     @_errors
@@ -467,7 +470,7 @@ class VdifsOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(self.tree.sr.set_name, snap, new)
         else:
             await trio.to_thread.run_sync(self.tree.vm_model.set_name, snap, new)
-        self.tree.refresh()
+        await self._refresh()
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -479,7 +482,11 @@ class VdifsOperations(pyfuse3.Operations):
     # -- snapshots/ with -o snapshot_admin ---------------------------------------------
 
     def _snapshot_owner(self, parent_inode: int) -> tuple[str, str]:
-        owner = self.tree.snapshot_owner(self._node(parent_inode))
+        try:
+            owner = self.tree.snapshot_owner(self._node(parent_inode))
+        except NotFound:
+            # Directories are made only under snapshots/: nowhere else is writable.
+            raise pyfuse3.FUSEError(errno.EROFS if self.tree.read_only else errno.EACCES) from None
         if self.tree.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         if not self.tree.snapshot_admin:
@@ -506,7 +513,7 @@ class VdifsOperations(pyfuse3.Operations):
         else:
             vm_snap = await trio.to_thread.run_sync(self.tree.vm_model.snapshot, owner, text)
             node = ("vmsnap", owner, vm_snap.uuid)
-        self.tree.refresh()
+        await self._refresh()
         return self._entry(node)
 
     @_errors
@@ -525,7 +532,7 @@ class VdifsOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             await trio.to_thread.run_sync(self.tree.vm_model.delete_snapshot, snap)
         log.info("snapshot %s deleted through rmdir", snap)
-        self.tree.refresh()
+        await self._refresh()
 
     # -- watching the SR ----------------------------------------------------------------
 
@@ -548,14 +555,19 @@ class VdifsOperations(pyfuse3.Operations):
         while True:
             await trio.sleep(REFRESH_INTERVAL)
             try:
-                changed = self.tree.refresh()
+                await self._refresh()
             except Exception:
                 log.exception("could not refresh from the SR")
-                continue
-            for uuid in changed:
-                if uuid in self._live and self._live[uuid].dirty:
-                    continue  # our own buffered writes stay visible
-                await self._invalidate(uuid)
+
+    async def _refresh(self) -> None:
+        """Reload the SR's records and drop what the kernel cached of changed VDIs."""
+        await self._invalidate_changed(self.tree.refresh())
+
+    async def _invalidate_changed(self, changed: set[str], keep_raw_of: str | None = None) -> None:
+        for uuid in changed:
+            if uuid in self._live and self._live[uuid].dirty:
+                continue  # our own buffered writes stay visible
+            await self._invalidate(uuid, skip_raw=uuid == keep_raw_of)
 
 
 def _invalidate_inodes(inodes: list[int]) -> None:

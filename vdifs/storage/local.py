@@ -124,7 +124,8 @@ CREATE TABLE IF NOT EXISTS imports(
     chunks_applied INTEGER NOT NULL DEFAULT 0,
     started TEXT NOT NULL,
     finished TEXT,
-    seconds REAL
+    seconds REAL,
+    pid INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -723,6 +724,7 @@ class ChunkWriter:
         self._rows: dict[int, bytearray] = {}
         self._written: dict[int, int] = {}  # block -> mask of chunks written
         self._new_digests: dict[bytes, int] = {}
+        self._reused_packs: set[int] = set()  # packs of existing chunks this write shares
         self._packs: list[tuple[int, int, int]] = []  # (pack, fd, slots used)
         self.chunks_written = 0
         self.bytes_stored = 0
@@ -757,6 +759,7 @@ class ChunkWriter:
             return known
         row = self.sr.db.execute("SELECT id FROM chunks WHERE digest = ?", (digest,)).fetchone()
         if row is not None:
+            self._reused_packs.add(int(row[0]) >> 32)
             return int(row[0])
         if not self._packs or self._packs[-1][2] >= PACK_SLOTS:
             self._open_pack()
@@ -831,6 +834,15 @@ class ChunkWriter:
                     and record.generation != self.expect_generation
                 ):
                     raise Busy(f"VDI {self.uuid} changed while the import ran; nothing applied")
+                if self._reused_packs:
+                    marks = ",".join("?" * len(self._reused_packs))
+                    (live,) = db.execute(
+                        f"SELECT COUNT(*) FROM packs WHERE slots >= 0 AND id IN ({marks})",
+                        tuple(self._reused_packs),
+                    ).fetchone()
+                    if live != len(self._reused_packs):
+                        # vdifs sr gc retired data this write deduplicated against.
+                        raise Busy("garbage collection ran during this write: run it again")
                 for pack, _fd, slots in self._packs:
                     db.execute("INSERT INTO packs(id, slots) VALUES (?, ?)", (pack, slots))
                 db.executemany(
