@@ -229,3 +229,19 @@ def test_snapshot_admin_mkdir_rename_rmdir(cli: Cli, mount_factory: Any) -> None
     os.rmdir(vm_snaps / "vm-point")
     assert cli.json("vm", "snapshot-list", vm, "--json") == []
     assert m.stop() == 0
+
+
+def test_gc_spares_what_open_handles_read(cli: Cli, mnt: Mount, sr_path: Path) -> None:
+    vdi = cli("vdi", "create", "gone", "--size", "4M")
+    appear(mnt, vdi)
+    data = os.urandom(2 * MiB)
+    fill(mnt.vdi(vdi) / "raw.img", 0, data)
+    snap = cli("vdi", "snapshot", vdi)
+    appear(mnt, snap)
+    with open(mnt.vdi(snap) / "raw.img", "rb") as f:
+        cli("vdi", "destroy", vdi)
+        cli("vdi", "snapshot-delete", snap)
+        assert cli("sr", "gc").startswith("removed 0 ")  # pinned by the open file
+        assert f.read() == data + bytes(2 * MiB)
+    assert wait_for(lambda: not cli("sr", "gc").startswith("removed 0 "), 3)
+    assert list((sr_path / "packs").glob("*.pack")) == []

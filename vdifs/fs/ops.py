@@ -31,7 +31,7 @@ from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
 from vdifs.livedisk import DIRTY_LIMIT, LiveDisk
-from vdifs.storage.local import WouldBlock
+from vdifs.storage.local import PackPins, WouldBlock
 from vdifs.uploads import Upload, apply_or_explain, still_open_by
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Handle:
     live: LiveDisk | None = None  # a live raw.img opened for writing or reading
     upload: Upload | None = None  # a file being written into import/
     data: bytes | None = None  # small generated files (info.json), pinned at open
+    pins: PackPins | None = None  # keeps gc off the data an open export reads
 
 
 class VdifsOperations(pyfuse3.Operations):
@@ -297,7 +298,10 @@ class VdifsOperations(pyfuse3.Operations):
             live = self._live_disk(node[1])
             live.open_handles += 1
             export = None
-        self._handles[fh] = Handle(node, export, live)
+        pins = None
+        if export is not None:
+            pins = self.tree.sr.pin(export.state.block_map.packs)
+        self._handles[fh] = Handle(node, export, live, pins=pins)
         # Snapshot files never change: keep their page cache across opens.
         return pyfuse3.FileInfo(fh=fh, keep_cache=immutable, direct_io=False)
 
@@ -384,6 +388,8 @@ class VdifsOperations(pyfuse3.Operations):
     @_errors
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
+        if handle.pins is not None:
+            handle.pins.release()
         if handle.upload is not None:
             handle.upload.handles -= 1
             if handle.upload.applied:

@@ -10,6 +10,7 @@ built; a newer state of the disk is a new map.
 
 from __future__ import annotations
 
+import functools
 import struct
 from array import array
 from bisect import bisect_left
@@ -54,6 +55,13 @@ class BlockMap:
             masks.append(mask)
             parts.append(row)
         return cls(virtual_size, indexes, masks, b"".join(parts))
+
+    @functools.cached_property
+    def packs(self) -> frozenset[int]:
+        """The packs holding this map's chunks (what an open view pins against gc)."""
+        ids = array("Q")
+        ids.frombytes(self.ids)
+        return frozenset(i >> 32 for i in ids if i)
 
     @property
     def chunk_count(self) -> int:

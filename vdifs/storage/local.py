@@ -222,6 +222,18 @@ class VdiRecord:
 _STATE_NAMESPACE = uuidlib.UUID("6d0c7c5e-3c55-4d0b-9a57-7664696673ff")
 
 
+class PackPins:
+    """Shared flocks on packs an open view reads: garbage collection skips them."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self._fds = fds
+
+    def release(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
 class _PackFile:
     """An open pack descriptor; closed when the last user drops it."""
 
@@ -647,41 +659,79 @@ class LocalSR:
             log.info("removed %d pack(s) left behind by an interrupted write", removed)
         return removed
 
+    def pin(self, packs: frozenset[int]) -> PackPins:
+        """Keep these packs from garbage collection until the pins are released."""
+        fds = []
+        for pack in packs:
+            try:
+                fd = os.open(self._pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # already gone: reads of it will say so
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # being collected right now
+                continue
+            fds.append(fd)
+        return PackPins(fds)
+
     def garbage_collect(self) -> tuple[int, int]:
         """Remove packs no readable block map references.
 
         Returns ``(packs_removed, bytes_freed)``.  A pack is deleted only when
         none of its chunks is referenced by a VDI or snapshot whose data is
-        kept (checkpoints keep identities, not data); partly used packs stay
-        whole.  A deleted pack's id stays reserved (``slots = -1``) so that a
-        checkpoint's old chunk ids can never name new data.
+        kept (checkpoints keep identities, not data), and no open view pins
+        it (a handle on a snapshot deleted since, in a mounted daemon).
+        Partly used packs stay whole.  A deleted pack's id stays reserved
+        (``slots = -1``) so that a checkpoint's old chunk ids can never name
+        new data.
         """
-        with self.transaction() as db:
-            live: set[int] = set()
-            for (blob,) in db.execute(
-                "SELECT chunks FROM blocks JOIN vdis ON vdis.id = blocks.vdi"
-                " WHERE vdis.data_destroyed = 0"
-            ):
-                ids = array("Q", blob)
-                live.update(i >> 32 for i in ids if i)
-            dead = [
-                p for (p,) in db.execute("SELECT id FROM packs WHERE slots >= 0") if p not in live
-            ]
-            for pack in dead:
-                db.execute("UPDATE packs SET slots = -1 WHERE id = ?", (pack,))
-                db.execute(
-                    "DELETE FROM chunks WHERE id >= ? AND id < ?", (pack << 32, (pack + 1) << 32)
-                )
-        freed = 0
-        for pack in dead:
-            path = self._pack_path(pack)
-            with contextlib.suppress(FileNotFoundError):
-                freed += path.stat().st_size
-                path.unlink()
-        with self._fd_lock:
-            for pack in dead:
-                self._fds.pop(pack, None)
-        return len(dead), freed
+        locked: dict[int, int] = {}
+        try:
+            for pack in self._unreferenced_packs():
+                try:
+                    fd = os.open(self._pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    fd = -1
+                if fd >= 0:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        os.close(fd)
+                        continue  # pinned by an open view: next time
+                locked[pack] = fd
+            with self.transaction() as db:
+                still_dead = self._unreferenced_packs() & locked.keys()
+                for pack in still_dead:
+                    db.execute("UPDATE packs SET slots = -1 WHERE id = ?", (pack,))
+                    db.execute(
+                        "DELETE FROM chunks WHERE id >= ? AND id < ?",
+                        (pack << 32, (pack + 1) << 32),
+                    )
+            freed = 0
+            for pack in still_dead:
+                path = self._pack_path(pack)
+                with contextlib.suppress(FileNotFoundError):
+                    freed += path.stat().st_size
+                    path.unlink()
+            with self._fd_lock:
+                for pack in still_dead:
+                    self._fds.pop(pack, None)
+            return len(still_dead), freed
+        finally:
+            for fd in locked.values():
+                if fd >= 0:
+                    os.close(fd)
+
+    def _unreferenced_packs(self) -> set[int]:
+        live: set[int] = set()
+        for (blob,) in self.db.execute(
+            "SELECT chunks FROM blocks JOIN vdis ON vdis.id = blocks.vdi"
+            " WHERE vdis.data_destroyed = 0"
+        ):
+            ids = array("Q", blob)
+            live.update(i >> 32 for i in ids if i)
+        return {p for (p,) in self.db.execute("SELECT id FROM packs WHERE slots >= 0")} - live
 
 
 class ChunkWriter:
