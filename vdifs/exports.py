@@ -110,7 +110,7 @@ class Export:
             return self.state.block_map.chunk_count * 65536
         return self.layout.allocated_bytes
 
-    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
+    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytearray:
         """Bytes at ``offset``, short at the end of the file.
 
         With ``nowait`` a read that would wait for the disk raises
@@ -118,13 +118,14 @@ class Export:
         """
         end = min(offset + length, self.size)
         if offset >= end:
-            return b""
+            return bytearray()
+        # One buffer, filled in place and handed to FUSE as is: no copies.
         buf = bytearray(end - offset)
         view = memoryview(buf)
         block_map = self.state.block_map
         if self.layout is None:
             self.sr.read_into(block_map, offset, view, nowait=nowait)
-            return bytes(buf)
+            return buf
         pos = 0
         for seg in self.layout.segments(offset, end - offset):
             if isinstance(seg, Meta):
@@ -139,10 +140,12 @@ class Export:
                 pos += seg.length
         if pos != len(buf):
             raise AssertionError(f"layout covered {pos} of {len(buf)} bytes at {offset}")
-        return bytes(buf)
+        return buf
 
     def copy_to(
-        self, write: Callable[[bytes], object], progress: Callable[[int], None] | None = None
+        self,
+        write: Callable[[bytearray], object],
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         """Stream the whole image front to back (``vdifs export``)."""
         step = 4 << 20

@@ -78,11 +78,11 @@ class LiveDisk:
             self.dirty[chunk] = buf
         return len(data)
 
-    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytes:
-        data = self._current().read(offset, length, nowait=nowait)
-        if not (self.dirty or self.pending) or not data:
-            return data
-        out = bytearray(data)
+    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytearray:
+        out = self._current().read(offset, length, nowait=nowait)
+        if not (self.dirty or self.pending) or not out:
+            return out
+        data = out
         first = offset // CHUNK_SIZE
         last = (offset + len(data) - 1) // CHUNK_SIZE
         for chunk in range(first, last + 1):
@@ -95,7 +95,7 @@ class LiveDisk:
             lo = max(offset, start)
             hi = min(offset + len(data), start + CHUNK_SIZE)
             out[lo - offset : hi - offset] = buf[lo - start : hi - start]
-        return bytes(out)
+        return out
 
     def begin_flush(self) -> bool:
         """Move the dirty chunks aside for :meth:`commit`; False when clean."""

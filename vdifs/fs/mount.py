@@ -80,12 +80,40 @@ def parse_options(text: str | None) -> set[str]:
     return options
 
 
-async def _serve(ops: VdifsOperations) -> None:
+READ_AHEAD_KB = 1024  # 1 MiB read requests instead of 128 KiB: about 1.7x (performance.md)
+
+
+def raise_read_ahead(mountpoint: Path) -> None:
+    """Ask the kernel for 1 MiB read requests on this mount (root only).
+
+    pyfuse3 cannot set max_readahead, and the kernel resets the mount's bdi
+    read_ahead_kb during the INIT handshake, so this runs once the daemon
+    has been serving for a moment.  The device numbers come from
+    /proc/self/mountinfo: the daemon never stats its own mount.
+    """
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        devices = [line.split()[2] for line in f if line.split()[4] == target]
+    if not devices:
+        return
+    try:
+        Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
+    except OSError as exc:
+        log.info("could not raise read-ahead on %s: %s", mountpoint, exc)
+
+
+async def _serve(ops: VdifsOperations, mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ops.watch_sr)
+        nursery.start_soon(_after_init, mountpoint)
         nursery.start_soon(_stop_on_signals)
         await pyfuse3.main(min_tasks=2, max_tasks=64)
         nursery.cancel_scope.cancel()
+
+
+async def _after_init(mountpoint: Path) -> None:
+    await trio.sleep(0.5)  # INIT is the first request pyfuse3.main answers
+    await trio.to_thread.run_sync(raise_read_ahead, mountpoint)
 
 
 async def _stop_on_signals() -> None:
@@ -106,7 +134,7 @@ def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None
     pyfuse3.init(ops, str(mountpoint), set(BASE_OPTIONS | (options - VDIFS_OPTIONS)))
     log.info("serving %s on %s", sr_path, mountpoint)
     try:
-        trio.run(_serve, ops)
+        trio.run(_serve, ops, mountpoint)
     except BaseException:
         log.exception("the filesystem stopped on an error; leaving the mount disconnected")
         pyfuse3.close(unmount=False)

@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -312,12 +312,15 @@ class VdifsOperations(pyfuse3.Operations):
             return handle.data[off : off + size]
         if handle.upload is not None:
             return handle.upload.read(off, size)
+        # pyfuse3 replies from any buffer: the bytearray goes out without a copy.
         if handle.live is not None:
             live = handle.live
-            return await nonblocking(lambda nowait: live.read(off, size, nowait=nowait))
-        export = handle.export
-        assert export is not None
-        return await nonblocking(lambda nowait: export.read(off, size, nowait=nowait))
+            data = await nonblocking(lambda nowait: live.read(off, size, nowait=nowait))
+        else:
+            export = handle.export
+            assert export is not None
+            data = await nonblocking(lambda nowait: export.read(off, size, nowait=nowait))
+        return cast(bytes, data)
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
