@@ -202,6 +202,11 @@ def test_huge_sparse_disks(cli: Cli, mnt: Mount) -> None:
     assert info["virtual-size"] == 2000 << 30
     check = qemu_img("check", "-f", "qcow2", str(mnt.vdi(huge) / "full.qcow2"))
     assert check.returncode == 0, check.stdout + check.stderr
+    with open(mnt.vdi(huge) / "full.qcow2", "rb") as f:
+        total = 0
+        while chunk := f.read(4 * MiB):
+            total += len(chunk)
+    assert total == (mnt.vdi(huge) / "full.qcow2").stat().st_size
     assert daemon_rss_peak_kib(mnt) < 200 * 1024
 
 

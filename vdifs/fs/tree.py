@@ -93,8 +93,11 @@ def _json(data: Any) -> bytes:
 
 
 class Tree:
-    STATE_CACHE = 64
-    EXPORT_CACHE = 128
+    # Bounded by the block-map bytes they hold, not by count: a thousand small
+    # VDIs all stay cached (ls -lR), a few huge ones do not pile up.
+    STATE_CACHE_BYTES = 256 << 20
+    STATE_CACHE_MAX = 8192
+    EXPORT_CACHE = 8192  # an export holds a layout (small) over a cached state
 
     def __init__(
         self, sr: LocalSR, *, read_only: bool = False, snapshot_admin: bool = False
@@ -110,6 +113,7 @@ class Tree:
         self.changed_ns = time.time_ns()
         self._data_version = -1
         self._states: OrderedDict[tuple[str, int], DiskState] = OrderedDict()
+        self._state_bytes = 0
         self._exports: OrderedDict[tuple[Any, ...], Export] = OrderedDict()
         self.uploads = Uploads(sr, read_only)
         self.refresh(force=True)
@@ -163,8 +167,13 @@ class Tree:
                 key = (uuid, fresh.generation)
             state = DiskState(fresh, block_map)
             self._states[key] = state
-            while len(self._states) > self.STATE_CACHE:
-                self._states.popitem(last=False)
+            self._state_bytes += len(state.block_map.ids)
+            while len(self._states) > 1 and (
+                self._state_bytes > self.STATE_CACHE_BYTES
+                or len(self._states) > self.STATE_CACHE_MAX
+            ):
+                _key, evicted = self._states.popitem(last=False)
+                self._state_bytes -= len(evicted.block_map.ids)
         else:
             self._states.move_to_end(key)
         return state
