@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,28 @@ def test_cp_sparse_keeps_holes(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
     subprocess.run(["cp", "--sparse=auto", str(mnt.vdi(vdi) / "raw.img"), str(out)], check=True)
     assert out.stat().st_size == 32 << 20
     assert out.stat().st_blocks * 512 < 4 << 20
+
+
+def test_fstab_mount_helper(cli: Cli, tmp_path: Path) -> None:
+    vdi = cli("vdi", "create", "fstab", "--size", "1M")
+    helper = Path(__file__).parent.parent / "contrib" / "mount.vdifs"
+    mountpoint = tmp_path / "fstab"
+    mountpoint.mkdir()
+    env = dict(os.environ, VDIFS_BIN=str(Path(sys.executable).parent / "vdifs"))
+    typo = subprocess.run(
+        [str(helper), str(cli.sr), str(mountpoint), "-o", "rw,nofail,readonly"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert typo.returncode != 0 and "unknown option 'readonly'" in typo.stderr
+    subprocess.run(
+        [str(helper), str(cli.sr), str(mountpoint), "-o", "ro,nofail,_netdev,x-systemd.automount"],
+        env=env,
+        check=True,
+    )
+    try:
+        assert os.path.ismount(mountpoint)
+        with pytest.raises(OSError) as exc:
+            os.open(mountpoint / "vdis" / vdi / "raw.img", os.O_WRONLY)
+        assert exc.value.errno == errno.EROFS
+    finally:
+        cli("umount", str(mountpoint))
