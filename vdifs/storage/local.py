@@ -557,14 +557,18 @@ class LocalSR:
     def read_chunk_into(
         self, chunk_id: int, buf: memoryview, skip: int = 0, *, nowait: bool = False
     ) -> None:
-        """Fill ``buf`` from a stored chunk, starting ``skip`` bytes into it.
+        """Fill ``buf`` from a stored chunk (and the chunks after it in its pack),
+        starting ``skip`` bytes into it.
 
         With ``nowait`` the read only succeeds from the page cache
         (``RWF_NOWAIT``); otherwise :class:`WouldBlock` tells the caller to
         retry the whole request off the event loop.
         """
         if chunk_id == 0:
-            buf[:] = ZERO_CHUNK[: len(buf)]
+            if len(buf) <= CHUNK_SIZE:
+                buf[:] = ZERO_CHUNK[: len(buf)]
+            else:
+                buf[:] = bytes(len(buf))
             return
         pf = self._pack_file(chunk_id >> 32)
         offset = (chunk_id & 0xFFFFFFFF) * CHUNK_SIZE + skip
@@ -592,17 +596,28 @@ class LocalSR:
     def read_into(
         self, block_map: BlockMap, offset: int, buf: memoryview, *, nowait: bool = False
     ) -> None:
-        """Fill ``buf`` with the disk's bytes at ``offset`` (inside the disk)."""
+        """Fill ``buf`` with the disk's bytes at ``offset`` (inside the disk).
+
+        Chunks stored one after the other in a pack (what a sequential write
+        leaves) are read with one preadv per run, not one per chunk.
+        """
         if not len(buf):
             return
         first = offset // CHUNK_SIZE
         last = (offset + len(buf) - 1) // CHUNK_SIZE
+        ids = block_map.chunk_ids(first, last - first + 1)
         pos = 0
-        for n, chunk_id in enumerate(block_map.chunk_ids(first, last - first + 1)):
+        n = 0
+        while n < len(ids):
+            chunk_id = ids[n]
             skip = offset + pos - (first + n) * CHUNK_SIZE
-            take = min(CHUNK_SIZE - skip, len(buf) - pos)
+            run = 1
+            while n + run < len(ids) and ids[n + run] == (chunk_id + run if chunk_id else 0):
+                run += 1
+            take = min(run * CHUNK_SIZE - skip, len(buf) - pos)
             self.read_chunk_into(chunk_id, buf[pos : pos + take], skip, nowait=nowait)
             pos += take
+            n += run
 
     def writer(self, uuid: str, *, replace: bool = False) -> ChunkWriter:
         return ChunkWriter(self, uuid, replace=replace)
