@@ -1,0 +1,935 @@
+"""Benchmark vdifs against its peers on the same data.
+
+Run as root on Debian 12 after the README set-up::
+
+    .venv/bin/python contrib/bench.py [--quick] [--size 4G] [--runs 3]
+
+It measures the vdifs that ``.venv`` imports (the checkout).  To pin a copy
+while the checkout changes, run it from another directory with the copy first
+on PYTHONPATH (``git archive HEAD vdifs | tar -x -C /tmp/pinned``).
+
+Nothing is installed: a missing peer is skipped with the Debian package that
+provides it (``apt-get install xmount``, ``qemu-system-common`` for
+qemu-storage-daemon, ``qemu-utils`` for qemu-img) and its ratios print n/a.
+
+The test disk
+    A sparse raw file ``disk.raw`` (``--size``, default 4 GiB; ``--quick``:
+    512 MiB) in which about half of the 2 MiB blocks hold random data; a
+    quarter of those are only partly written (a run of 64 KiB chunks, the
+    last one sometimes cut at a 4 KiB boundary).  Every 64 KiB chunk is
+    unique (a 16-byte tag followed by a slice of a random pool), so the SR's
+    content addressing cannot deduplicate anything.  It is imported with
+    ``vdifs import`` into a VDI of a temporary SR and snapshotted as S1; then
+    about 5 % of the blocks are rewritten (half of them whole, half a random
+    run of chunks; some of them blocks that were empty), imported again, and
+    snapshotted as S2.  ``disk.raw`` then holds S2's content, which is what the peers
+    serve.  Before measuring, S2's raw.img is compared with disk.raw byte for
+    byte, and (except with --quick) the copies of full.vhd / full.qcow2
+    used below with ``qemu-img compare``.
+
+Caches
+    Every path is read with its *own* page cache evicted just before the run:
+    ``posix_fadvise(POSIX_FADV_DONTNEED)`` on the file being read (vdifs
+    snapshot files are opened with keep_cache, so they would otherwise be
+    served by the kernel), checked with ``fincore`` where available.  The
+    backing stores (the SR's packs, disk.raw, the image copies) are kept warm
+    and re-read into the page cache at the start of each round: the numbers
+    compare the FUSE daemons, not the virtual disk under them.  A global
+    ``echo 1 > /proc/sys/vm/drop_caches`` would also evict those and make every
+    path as slow as the disk.
+
+What is measured (MB = 10**6 bytes, medians over ``--runs`` rounds)
+    Each round runs every path once.  Paths are grouped with the peers they
+    are compared with (raw.img with the qemu-storage-daemon raw export,
+    full.vhd with xmount, ...) and a group runs back to back, so a ratio
+    compares measurements taken moments apart; the groups' order rotates by
+    one each round and the order inside a group alternates.  Ratios are
+    computed per round and their median is reported.
+
+    vdifs (SR mounted once with ``vdifs mount``):
+      * ``dd bs=1M`` of S2's raw.img, full.vhd, full.qcow2, delta-from/S1.vhd
+        and delta-from/S1.qcow2: file bytes read per second;
+      * ``sha256sum`` of full.vhd (the same on the page-cached copy, once,
+        shows the hasher's own limit; not with --quick);
+      * 4 ``dd`` readers at once on S1 and S2's full.vhd and full.qcow2:
+        total bytes / wall time;
+      * 2000 random 64 KiB ``os.pread`` of raw.img (fixed seed): IOPS;
+      * ``ls -lR`` of a fresh mount of a separate SR with 1000 empty VDIs;
+      * import by ``cp`` of S2's VHD and qcow2 (copied out of the mount) into
+        ``import/<name>.vhd|.qcow2`` of a fresh, empty SR mounted for that run
+        (fresh, so no chunk is deduplicated): virtual bytes per second, timed
+        until ``cp`` returns, i.e. after close() applied and fsynced the
+        import;
+      * daemon peak RSS: VmHWM of each vdifs daemon just before it unmounts
+        (the main mount after all rounds, the import and ls mounts each run).
+
+    peers, on disk.raw (= S2):
+      * xmount ``--in raw --out vhd`` (a fixed VHD: raw plus a footer);
+      * qemu-storage-daemon FUSE exports of disk.raw and of the qcow2 copy
+        (the disk as qemu decodes it from the qcow2);
+      * ``qemu-img convert -O vpc`` and ``-O qcow2`` of disk.raw to a file
+        (output bytes per second; written to the page cache, not fsynced);
+      * ``qemu-img convert -O raw`` of the VHD and qcow2 copies (virtual
+        bytes per second, including an fsync of the output, since a vdifs
+        import is durable when close() returns);
+      * random 64 KiB reads of the qemu-storage-daemon raw export;
+      * ``dd bs=1M`` of disk.raw from the page cache: the limit.
+
+Ratios (the RESULT line)
+    vhd_vs_xmount       vdifs full.vhd MB/s / xmount vhd MB/s
+    raw_vs_qsd          vdifs raw.img MB/s / qemu-storage-daemon raw MB/s
+    qcow2_vs_qsd        vdifs full.qcow2 MB/s / qemu-storage-daemon qcow2 MB/s
+    delta_cost_ratio    time to read delta-from/S1.vhd, divided by the time
+                        vdifs would need to read only the changed bytes (the
+                        64 KiB chunks S2 rewrote, counted while writing them)
+                        at the speed it reads S2's raw.img in the same round.
+                        1.0 means a delta costs no more than its payload.  A
+                        VHD carries whole 2 MiB blocks, so the delta file is
+                        larger than its payload (delta_vhd_bytes_ratio); only
+                        serving it faster than raw.img makes up for that.
+                        delta_qcow2_cost_ratio is the same for the qcow2
+                        delta, whose file carries 64 KiB clusters.
+    import_vs_qemu_img  vdifs cp-import of the VHD MB/s / ``qemu-img convert
+                        -f vpc -O raw`` MB/s (import_vhd_vs_qemu_img); the
+                        qcow2 pair is import_qcow2_vs_qemu_img
+    rss_mib             the largest VmHWM of any vdifs daemon, MiB
+    ls_lr_1000_s        seconds for ``ls -lR`` of the 1000-VDI mount
+
+    Context, not targets: vhd_wall_vs_xmount (xmount's time to read its fixed
+    VHD / vdifs' time to read full.vhd: a sparse disk's backup takes less time
+    even at a lower MB/s), vhd_vs_qemu_img_convert, raw_vs_page_cache,
+    rand_vs_qsd; then size_mib, runs and the vdifs MB/s medians.
+
+Whatever happens (an error, Ctrl-C, SIGTERM) every mount is unmounted, the
+daemons started here are stopped and the temporary directory is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import FrameType
+
+MIB = 1 << 20
+BLOCK = 2 * MIB
+CHUNK = 64 * 1024
+CHUNKS_PER_BLOCK = BLOCK // CHUNK
+MB = 1e6
+POOL_SIZE = 64 * MIB
+RANDOM_READS = 2000
+RANDOM_READ_SIZE = 64 * 1024
+SMALL_VDIS = 1000
+SMALL_VDI_SIZE = 64 * MIB
+SEED = 20240601
+MOUNT_WAIT = 20.0
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+VDIFS = str(VENV_BIN / "vdifs") if (VENV_BIN / "vdifs").exists() else "vdifs"
+
+PEER_PACKAGES = {
+    "xmount": "xmount",
+    "qemu-storage-daemon": "qemu-system-common",
+    "qemu-img": "qemu-utils",
+}
+
+T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def parse_size(text: str) -> int:
+    """``"4G"`` -> bytes (binary suffixes K, M, G, T)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text[-1:] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def run(cmd: list[str]) -> str:
+    """Run a command, return its stdout; raise with its stderr on failure."""
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {result.returncode}: {result.stderr.strip()}")
+    return str(result.stdout)
+
+
+def timed(cmd: list[str]) -> float:
+    """Seconds a command takes (its output discarded)."""
+    start = time.perf_counter()
+    run(cmd)
+    return time.perf_counter() - start
+
+
+def mounted(path: Path) -> bool:
+    """Whether ``path`` (a directory or a file) is a mount point."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == target:
+                return True
+    return False
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = MOUNT_WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def evict(path: Path) -> None:
+    """Drop one file's page cache (keeps the backing stores warm)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if shutil.which("fincore"):
+        resident = run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)])
+        if resident.strip() not in ("", "0"):
+            say(f"warning: {resident.strip()} bytes of {path} stayed cached")
+
+
+def warm(paths: list[Path]) -> None:
+    """Read files into the page cache."""
+    for path in paths:
+        run(["dd", f"if={path}", "of=/dev/null", "bs=4M", "status=none"])
+
+
+def vm_hwm_mib(pid: int) -> float:
+    """Peak resident set size of a process, MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie waiting for init to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (read side by side, 4 MiB at a time)."""
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        while True:
+            chunk = fa.read(4 * MIB)
+            if chunk != fb.read(4 * MIB):
+                return False
+            if not chunk:
+                return True
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 * MIB)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+# -- the test disk ----------------------------------------------------------------------
+
+
+class DataSource:
+    """Incompressible, never-repeating 64 KiB chunks, fast to make.
+
+    A chunk is a 16-byte tag (generation, chunk index) followed by a slice of
+    a random pool, so no two chunks of the disk are equal.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self.pool = rng.randbytes(POOL_SIZE)
+        self.rng = rng
+
+    def chunks(self, generation: int, first_chunk: int, count: int) -> bytes:
+        parts = []
+        for chunk in range(first_chunk, first_chunk + count):
+            start = self.rng.randrange(POOL_SIZE - CHUNK)
+            parts.append(struct.pack("<QQ", generation, chunk))
+            parts.append(self.pool[start : start + CHUNK - 16])
+        return b"".join(parts)
+
+
+def write_initial(path: Path, size: int, rng: random.Random, data: DataSource) -> int:
+    """S1's content: half the blocks with data, a quarter of those partial.
+
+    Returns the number of data bytes written.
+    """
+    with open(path, "wb") as f:
+        f.truncate(size)
+    written = 0
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for block in range(size // BLOCK):
+            if rng.random() >= 0.5:
+                continue
+            first, count, cut = 0, CHUNKS_PER_BLOCK, 0
+            if rng.random() < 0.25:
+                first = rng.randrange(CHUNKS_PER_BLOCK)
+                count = rng.randint(1, CHUNKS_PER_BLOCK - first)
+                cut = rng.choice([0, rng.randrange(1, 16) * 4096])  # last chunk partly
+            payload = data.chunks(1, block * CHUNKS_PER_BLOCK + first, count)
+            if cut:
+                payload = payload[: -CHUNK + cut]
+            os.pwrite(fd, payload, block * BLOCK + first * CHUNK)
+            written += len(payload)
+    finally:
+        os.close(fd)
+    return written
+
+
+def write_changes(path: Path, size: int, rng: random.Random, data: DataSource) -> int:
+    """S2's changes: about 5 % of the blocks rewritten, whole or in part.
+
+    Returns the bytes of the 64 KiB chunks that changed (every chunk written
+    here gets a new tag, so it differs from S1 whatever it held).
+    """
+    blocks = size // BLOCK
+    changed = 0
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for block in sorted(rng.sample(range(blocks), max(1, round(blocks * 0.05)))):
+            first, count = 0, CHUNKS_PER_BLOCK
+            if rng.random() < 0.5:
+                first = rng.randrange(CHUNKS_PER_BLOCK)
+                count = rng.randint(1, CHUNKS_PER_BLOCK - first)
+            payload = data.chunks(2, block * CHUNKS_PER_BLOCK + first, count)
+            os.pwrite(fd, payload, block * BLOCK + first * CHUNK)
+            changed += count * CHUNK
+    finally:
+        os.close(fd)
+    return changed
+
+
+# -- processes, mounts and their cleanup --------------------------------------------
+
+
+@dataclass
+class VdifsMount:
+    sr: Path
+    mountpoint: Path
+    pid: int
+
+
+@dataclass
+class Resources:
+    """Everything started here, to stop and remove whatever happens."""
+
+    workdir: Path
+    vdifs_mounts: list[VdifsMount] = field(default_factory=list)
+    fuse_mounts: list[Path] = field(default_factory=list)  # xmount
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)  # qsd
+
+    def mount_vdifs(self, sr: Path, mountpoint: Path) -> VdifsMount:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        run([VDIFS, "--sr", str(sr), "mount", str(mountpoint)])
+        pid = daemon_pid(mountpoint)
+        mount = VdifsMount(sr, mountpoint, pid)
+        self.vdifs_mounts.append(mount)
+        return mount
+
+    def unmount_vdifs(self, mount: VdifsMount) -> None:
+        if mounted(mount.mountpoint):
+            try:
+                run([VDIFS, "umount", str(mount.mountpoint)])
+            except RuntimeError:
+                run(["fusermount3", "-u", "-z", str(mount.mountpoint)])
+        with contextlib.suppress(RuntimeError):
+            wait_until(lambda: not alive(mount.pid), "the vdifs daemon to exit", 10)
+        if alive(mount.pid):
+            os.kill(mount.pid, signal.SIGTERM)
+        if mount in self.vdifs_mounts:
+            self.vdifs_mounts.remove(mount)
+
+    def start_qsd(self, image: Path, driver: str, export: Path) -> None:
+        export.touch()
+        log = open(self.workdir / f"qsd-{export.name}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [
+                "qemu-storage-daemon",
+                "--blockdev",
+                f"driver=file,node-name=f,filename={image},read-only=on",
+                "--blockdev",
+                f"driver={driver},node-name=d,file=f,read-only=on",
+                "--export",
+                f"type=fuse,id=e,node-name=d,mountpoint={export},writable=off",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it
+        )
+        log.close()
+        self.processes.append(proc)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                text = (self.workdir / f"qsd-{export.name}.log").read_text(errors="replace")
+                raise RuntimeError(f"qemu-storage-daemon exited: {text.strip()}")
+            return mounted(export)
+
+        wait_until(up, f"the qemu-storage-daemon export {export}")
+
+    def start_xmount(self, image: Path, mountpoint: Path) -> Path:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        run(["xmount", "--in", "raw", str(image), "--out", "vhd", str(mountpoint)])
+        self.fuse_mounts.append(mountpoint)
+        wait_until(lambda: mounted(mountpoint), "the xmount mount")
+        return mountpoint / f"{image.stem}.vhd"
+
+    def close(self) -> None:
+        for path in reversed(self.fuse_mounts):
+            if mounted(path):
+                subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for mount in list(self.vdifs_mounts):
+            try:
+                self.unmount_vdifs(mount)
+            except Exception as exc:  # keep cleaning up
+                say(f"unmounting {mount.mountpoint}: {exc}")
+                subprocess.run(["fusermount3", "-u", "-z", str(mount.mountpoint)], check=False)
+                if alive(mount.pid):
+                    os.kill(mount.pid, signal.SIGKILL)
+        for path in self.workdir.rglob("*"):
+            # A file export left mounted would make rmtree fail.
+            if mounted(path):
+                subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def daemon_pid(mountpoint: Path) -> int:
+    """The pid of the vdifs daemon serving ``mountpoint`` (from /proc)."""
+    wanted = str(mountpoint)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if wanted in args and "mount" in args and any("vdifs" in a for a in args):
+            return int(entry.name)
+    raise RuntimeError(f"no vdifs daemon found for {mountpoint}")
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so that cleanup runs."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+# -- measurements --------------------------------------------------------------------
+
+
+@dataclass
+class Probe:
+    """One path measured once per round."""
+
+    key: str
+    label: str
+    unit: str
+    measure: Callable[[], float]
+    every_round: bool = True  # False: a reference measured in the first round only
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+
+def dd_mbps(path: Path) -> float:
+    """``dd bs=1M`` of a file, cache evicted first: MB/s of file bytes."""
+    evict(path)
+    size = path.stat().st_size
+    seconds = timed(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"])
+    return size / seconds / MB
+
+
+def dd_cached_mbps(path: Path) -> float:
+    """``dd bs=1M`` of a file already in the page cache."""
+    warm([path])
+    size = path.stat().st_size
+    seconds = timed(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"])
+    return size / seconds / MB
+
+
+def sha256sum_mbps(path: Path, expected: str, *, cached: bool = False) -> float:
+    if not cached:
+        evict(path)
+    start = time.perf_counter()
+    out = run(["sha256sum", str(path)])
+    seconds = time.perf_counter() - start
+    if out.split()[0] != expected:
+        raise RuntimeError(f"sha256sum of {path} is {out.split()[0]}, expected {expected}")
+    return path.stat().st_size / seconds / MB
+
+
+def parallel_dd_mbps(paths: list[Path]) -> float:
+    """Readers at once, one per file: total MB/s over the wall time."""
+    for path in paths:
+        evict(path)
+    total = sum(p.stat().st_size for p in paths)
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(["dd", f"if={p}", "of=/dev/null", "bs=1M", "status=none"]) for p in paths
+    ]
+    codes = [p.wait() for p in procs]
+    seconds = time.perf_counter() - start
+    if any(codes):
+        raise RuntimeError(f"parallel dd failed: exit statuses {codes}")
+    return total / seconds / MB
+
+
+def random_read_iops(path: Path, size: int) -> float:
+    """RANDOM_READS reads of 64 KiB at aligned offsets from a fixed seed."""
+    rng = random.Random(SEED)
+    offsets = [
+        rng.randrange(size // RANDOM_READ_SIZE) * RANDOM_READ_SIZE for _ in range(RANDOM_READS)
+    ]
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        for offset in offsets:
+            if len(os.pread(fd, RANDOM_READ_SIZE, offset)) != RANDOM_READ_SIZE:
+                raise RuntimeError(f"short read of {path} at {offset}")
+        seconds = time.perf_counter() - start
+    finally:
+        os.close(fd)
+    return RANDOM_READS / seconds
+
+
+def qemu_img_convert_mbps(src: Path, src_fmt: str, dst: Path, dst_fmt: str) -> float:
+    """``qemu-img convert`` to a file: MB/s of the output file's bytes."""
+    start = time.perf_counter()
+    run(["qemu-img", "convert", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst)])
+    seconds = time.perf_counter() - start
+    size = dst.stat().st_size
+    dst.unlink()
+    return size / seconds / MB
+
+
+def qemu_img_restore_mbps(src: Path, src_fmt: str, dst: Path, virtual_size: int) -> float:
+    """``qemu-img convert -O raw`` plus an fsync of the output: virtual MB/s."""
+    os.sync()  # an fsync must not pay for other files' dirty pages (ext4 data=ordered)
+    start = time.perf_counter()
+    run(["qemu-img", "convert", "-f", src_fmt, "-O", "raw", str(src), str(dst)])
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    dst.unlink()
+    return virtual_size / seconds / MB
+
+
+# -- the benchmark ----------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, res: Resources) -> None:
+        self.size: int = args.size
+        self.quick: bool = args.quick
+        self.runs: int = args.runs
+        self.res = res
+        self.work = res.workdir
+        self.peers = {name: shutil.which(name) is not None for name in PEER_PACKAGES}
+        self.probes: dict[str, Probe] = {}
+        self.groups: list[list[Probe]] = []
+        self.rss: dict[str, list[float]] = {}
+        self.changed_bytes = 0
+        self.load: list[float] = []
+
+    # -- set-up ----------------------------------------------------------------------
+
+    def vdifs(self, sr: Path, *args: str) -> str:
+        return run([VDIFS, "--sr", str(sr), *args]).strip()
+
+    def build(self) -> None:
+        rng = random.Random(SEED)
+        self.raw = self.work / "disk.raw"
+        self.sr = self.work / "sr"
+        say(f"writing a {self.size / MIB:.0f} MiB test disk")
+        data = DataSource(rng)
+        written = write_initial(self.raw, self.size, rng, data)
+        say(f"  {written / MIB:.0f} MiB of data; importing it as S1")
+        vdi = self.vdifs(self.sr, "vdi", "create", "bench", "--size", str(self.size))
+        self.vdifs(self.sr, "import", vdi, str(self.raw))
+        self.s1 = self.vdifs(self.sr, "vdi", "snapshot", vdi, "--name", "S1")
+        self.changed_bytes = write_changes(self.raw, self.size, rng, data)
+        say(f"  {self.changed_bytes / MIB:.1f} MiB of chunks changed; importing them as S2")
+        self.vdifs(self.sr, "import", vdi, str(self.raw))
+        self.s2 = self.vdifs(self.sr, "vdi", "snapshot", vdi, "--name", "S2")
+
+        self.mount = self.res.mount_vdifs(self.sr, self.work / "mnt")
+        d1 = self.mount.mountpoint / "vdis" / self.s1
+        d2 = self.mount.mountpoint / "vdis" / self.s2
+        self.f = {
+            "raw": d2 / "raw.img",
+            "vhd": d2 / "full.vhd",
+            "qcow2": d2 / "full.qcow2",
+            "delta_vhd": d2 / "delta-from" / f"{self.s1}.vhd",
+            "delta_qcow2": d2 / "delta-from" / f"{self.s1}.qcow2",
+            "s1_vhd": d1 / "full.vhd",
+            "s1_qcow2": d1 / "full.qcow2",
+        }
+        say("checking S2's raw.img against disk.raw")
+        if not same_content(self.f["raw"], self.raw):
+            raise RuntimeError("S2's raw.img differs from disk.raw: vdifs returned wrong bytes")
+        self.vhd_copy = self.work / "s2.vhd"
+        self.qcow2_copy = self.work / "s2.qcow2"
+        say("copying S2's full.vhd and full.qcow2 out of the mount (the images to import)")
+        for source, copy in ((self.f["vhd"], self.vhd_copy), (self.f["qcow2"], self.qcow2_copy)):
+            run(["dd", f"if={source}", f"of={copy}", "bs=1M", "status=none"])
+        self.vhd_sha = sha256_file(self.vhd_copy)
+        if self.peers["qemu-img"] and not self.quick:
+            for copy, fmt in ((self.vhd_copy, "vpc"), (self.qcow2_copy, "qcow2")):
+                run(["qemu-img", "compare", "-f", fmt, "-F", "raw", str(copy), str(self.raw)])
+            say("  qemu-img compare: full.vhd and full.qcow2 hold disk.raw")
+
+        self.small_sr = self.work / "sr-1000"
+        self.build_small_vdis()
+        self.start_peers()
+
+    def build_small_vdis(self) -> None:
+        """A separate SR with SMALL_VDIS empty VDIs, made in-process (fast)."""
+        try:
+            from vdifs.storage.local import LocalSR
+        except ImportError:  # another interpreter than the project's virtualenv
+            sys.path.insert(0, str(REPO))
+            from vdifs.storage.local import LocalSR
+
+        start = time.perf_counter()
+        sr = LocalSR(self.small_sr)
+        sr.db.execute("PRAGMA synchronous=OFF")  # set-up only: durability is not measured
+        for n in range(SMALL_VDIS):
+            sr.create_vdi(f"vdi-{n:04d}", SMALL_VDI_SIZE)
+        sr.close()
+        say(f"created {SMALL_VDIS} VDIs in {time.perf_counter() - start:.1f} s")
+
+    def start_peers(self) -> None:
+        for name, present in self.peers.items():
+            if not present:
+                say(f"{name} not found: apt-get install {PEER_PACKAGES[name]} (skipped; n/a)")
+        if self.peers["xmount"]:
+            self.xmount_vhd = self.res.start_xmount(self.raw, self.work / "xmount")
+        if self.peers["qemu-storage-daemon"]:
+            self.qsd_raw = self.work / "qsd-raw"
+            self.qsd_qcow2 = self.work / "qsd-qcow2"
+            self.res.start_qsd(self.raw, "raw", self.qsd_raw)
+            self.res.start_qsd(self.qcow2_copy, "qcow2", self.qsd_qcow2)
+
+    # -- the paths ---------------------------------------------------------------------
+
+    def probe(
+        self, key: str, label: str, unit: str, measure: Callable[[], float], *, once: bool = False
+    ) -> list[Probe]:
+        probe = Probe(key, label, unit, measure, every_round=not once)
+        self.probes[key] = probe
+        return [probe]
+
+    def peer(
+        self, tool: str, key: str, label: str, unit: str, measure: Callable[[], float]
+    ) -> list[Probe]:
+        """A peer's probe, or nothing when the peer is not installed."""
+        return self.probe(key, label, unit, measure) if self.peers[tool] else []
+
+    def define_probes(self) -> None:
+        """Every path, grouped with the peers it is compared with.
+
+        A group runs back to back, so that a ratio compares two measurements
+        taken moments apart even when other processes load the machine.
+        """
+        f, out = self.f, self.work / "qemu-img.out"
+        kib = f"{RANDOM_READ_SIZE // 1024} KiB"
+        qsd, qi = "qemu-storage-daemon", "qemu-img"
+        four = [f["vhd"], f["s1_vhd"], f["qcow2"], f["s1_qcow2"]]
+        self.groups = [
+            self.probe("cache", "dd of disk.raw, page cache (limit)", "MB/s",
+                       partial(dd_cached_mbps, self.raw)),
+            self.probe("raw", "vdifs raw.img", "MB/s", partial(dd_mbps, f["raw"]))
+            + self.peer(qsd, "qsd_raw", "qemu-storage-daemon FUSE raw", "MB/s",
+                        partial(dd_mbps, self.qsd_raw)),
+            self.probe("vhd", "vdifs full.vhd", "MB/s", partial(dd_mbps, f["vhd"]))
+            + self.peer("xmount", "xmount", "xmount --out vhd (a fixed VHD)", "MB/s",
+                        partial(dd_mbps, self.xmount_vhd))
+            + self.peer(qi, "qi_vpc", "qemu-img convert raw -> vpc file", "MB/s",
+                        partial(qemu_img_convert_mbps, self.raw, "raw", out, "vpc")),
+            self.probe("qcow2", "vdifs full.qcow2", "MB/s", partial(dd_mbps, f["qcow2"]))
+            + self.peer(qsd, "qsd_qcow2", "qemu-storage-daemon FUSE qcow2", "MB/s",
+                        partial(dd_mbps, self.qsd_qcow2))
+            + self.peer(qi, "qi_qcow2", "qemu-img convert raw -> qcow2 file", "MB/s",
+                        partial(qemu_img_convert_mbps, self.raw, "raw", out, "qcow2")),
+            self.probe("delta_vhd", "vdifs delta-from/S1.vhd", "MB/s",
+                       partial(dd_mbps, f["delta_vhd"]))
+            + self.probe("delta_qcow2", "vdifs delta-from/S1.qcow2", "MB/s",
+                         partial(dd_mbps, f["delta_qcow2"])),
+            self.probe("sha_vhd", "sha256sum vdifs full.vhd", "MB/s",
+                       partial(sha256sum_mbps, f["vhd"], self.vhd_sha))
+            + ([] if self.quick else  # a constant of the machine: not worth --quick's time
+               self.probe("sha_cache", "sha256sum of the VHD copy, page cache (limit, once)",
+                          "MB/s", partial(sha256sum_mbps, self.vhd_copy, self.vhd_sha, cached=True),
+                          once=True)),
+            self.probe("four", "vdifs 4 readers (S1+S2 full.vhd+full.qcow2)", "MB/s",
+                       partial(parallel_dd_mbps, four)),
+            self.probe("rand", f"vdifs raw.img random {kib} reads", "IOPS",
+                       partial(random_read_iops, f["raw"], self.size))
+            + self.peer(qsd, "qsd_rand", f"qemu-storage-daemon raw random {kib} reads", "IOPS",
+                        partial(random_read_iops, self.qsd_raw, self.size)),
+            self.probe("ls", f"vdifs ls -lR of a fresh mount, {SMALL_VDIS} VDIs", "s", self.ls_lr),
+            self.probe("imp_vhd", "vdifs cp of the VHD into import/", "MB/s",
+                       partial(self.cp_import, self.vhd_copy, "vhd"))
+            + self.peer(qi, "qi_imp_vhd", "qemu-img convert vpc -> raw file, fsync", "MB/s",
+                        partial(qemu_img_restore_mbps, self.vhd_copy, "vpc", out, self.size)),
+            self.probe("imp_qcow2", "vdifs cp of the qcow2 into import/", "MB/s",
+                       partial(self.cp_import, self.qcow2_copy, "qcow2"))
+            + self.peer(qi, "qi_imp_qcow2", "qemu-img convert qcow2 -> raw file, fsync", "MB/s",
+                        partial(qemu_img_restore_mbps, self.qcow2_copy, "qcow2", out, self.size)),
+        ]  # fmt: skip
+
+    def ls_lr(self) -> float:
+        mount = self.res.mount_vdifs(self.small_sr, self.work / "mnt-1000")
+        try:
+            start = time.perf_counter()
+            out = run(["ls", "-lR", str(mount.mountpoint)])
+            seconds = time.perf_counter() - start
+            if out.count("raw.img") != SMALL_VDIS:
+                raise RuntimeError(f"ls -lR listed {out.count('raw.img')} raw.img files")
+            self.rss.setdefault("ls", []).append(vm_hwm_mib(mount.pid))
+        finally:
+            self.res.unmount_vdifs(mount)
+        return seconds
+
+    def cp_import(self, source: Path, fmt: str) -> float:
+        """cp an image into import/ of a fresh SR: virtual MB/s until cp returns."""
+        sr = self.work / "sr-import"
+        mount = self.res.mount_vdifs(sr, self.work / "mnt-import")
+        try:
+            os.sync()  # as for qemu-img: time this import's own durability only
+            start = time.perf_counter()
+            run(["cp", str(source), str(mount.mountpoint / "import" / f"restored.{fmt}")])
+            seconds = time.perf_counter() - start
+            self.rss.setdefault(f"import_{fmt}", []).append(vm_hwm_mib(mount.pid))
+            restored = mount.mountpoint / "by-name" / "restored"
+            wait_until(restored.exists, "the restored VDI to appear", 5)
+            if (restored / "raw.img").stat().st_size < self.size:
+                raise RuntimeError("the restored VDI is smaller than the disk")
+        finally:
+            self.res.unmount_vdifs(mount)
+            shutil.rmtree(sr, ignore_errors=True)
+        return self.size / seconds / MB
+
+    # -- rounds, ratios and the report ---------------------------------------------------
+
+    def measure(self) -> None:
+        backing = [*sorted((self.sr / "packs").glob("*.pack")), self.raw]
+        backing += [self.vhd_copy, self.qcow2_copy]
+        self.load = [os.getloadavg()[0]]
+        if self.load[0] > 0.5:
+            say(f"warning: load average {self.load[0]:.2f}: other processes compete for the CPUs")
+        for round_no in range(self.runs):
+            warm(backing)
+            # Rotate the groups each round; inside a group, alternate the order.
+            shift = round_no % len(self.groups)
+            for group in self.groups[shift:] + self.groups[:shift]:
+                for probe in group if round_no % 2 == 0 else reversed(group):
+                    self.run_probe(probe, round_no)
+        self.rss["main"] = [vm_hwm_mib(self.mount.pid)]
+        self.load.append(os.getloadavg()[0])
+
+    def run_probe(self, probe: Probe, round_no: int) -> None:
+        if round_no and not probe.every_round:
+            return
+        value = probe.measure()
+        probe.values.append(value)
+        say(f"round {round_no + 1}/{self.runs}: {probe.label}: {value:.3g} {probe.unit}")
+
+    def per_round(self, fn: Callable[[int], float]) -> float:
+        return statistics.median(fn(i) for i in range(self.runs))
+
+    def ratio(self, mine: str, theirs: str) -> float | None:
+        if mine not in self.probes or theirs not in self.probes:
+            return None
+        a, b = self.probes[mine].values, self.probes[theirs].values
+        return self.per_round(lambda i: a[i] / b[i])
+
+    def delta_cost(self, key: str) -> float:
+        """Median over rounds of: time to read the delta / its payload at raw.img speed."""
+        raw, delta = self.probes["raw"].values, self.probes[key].values
+        size = self.f[key].stat().st_size
+
+        def cost(i: int) -> float:
+            return (size / delta[i]) / (self.changed_bytes / raw[i])
+
+        return self.per_round(cost)
+
+    def ratios(self) -> dict[str, float | None]:
+        xmount_wall = None
+        if "xmount" in self.probes:
+            size_ratio = self.xmount_vhd.stat().st_size / self.f["vhd"].stat().st_size
+            xmount_wall = self.ratio("vhd", "xmount")
+            xmount_wall = None if xmount_wall is None else xmount_wall * size_ratio
+        return {
+            "vhd_vs_xmount": self.ratio("vhd", "xmount"),
+            "raw_vs_qsd": self.ratio("raw", "qsd_raw"),
+            "qcow2_vs_qsd": self.ratio("qcow2", "qsd_qcow2"),
+            "delta_cost_ratio": self.delta_cost("delta_vhd"),
+            "delta_qcow2_cost_ratio": self.delta_cost("delta_qcow2"),
+            "delta_vhd_bytes_ratio": self.f["delta_vhd"].stat().st_size / self.changed_bytes,
+            "import_vs_qemu_img": self.ratio("imp_vhd", "qi_imp_vhd"),
+            "import_vhd_vs_qemu_img": self.ratio("imp_vhd", "qi_imp_vhd"),
+            "import_qcow2_vs_qemu_img": self.ratio("imp_qcow2", "qi_imp_qcow2"),
+            "vhd_wall_vs_xmount": xmount_wall,
+            "vhd_vs_qemu_img_convert": self.ratio("vhd", "qi_vpc"),
+            "raw_vs_page_cache": self.ratio("raw", "cache"),
+            "rand_vs_qsd": self.ratio("rand", "qsd_rand"),
+            "rss_mib": max(max(v) for v in self.rss.values()),
+            "ls_lr_1000_s": self.probes["ls"].median,
+        }
+
+    def report(self) -> None:
+        ratios = self.ratios()
+        print()
+        print(
+            f"vdifs benchmark: disk {self.size / MIB:.0f} MiB, {self.runs} runs, "
+            f"{os.cpu_count()} CPUs, kernel {os.uname().release}, "
+            f"load average {self.load[0]:.2f} before / {self.load[1]:.2f} after"
+        )
+        print(f"vdifs code: {code_version()}")
+        print(
+            f"S2 changed {self.changed_bytes / MIB:.1f} MiB; delta-from/S1.vhd is "
+            f"{self.f['delta_vhd'].stat().st_size / MIB:.1f} MiB, full.vhd "
+            f"{self.f['vhd'].stat().st_size / MIB:.1f} MiB"
+        )
+        print()
+        print("ratios (median of per-round ratios):")
+        for key, value in ratios.items():
+            print(f"  {key:26} {fmt_value(value)}")
+        print()
+        width = max(len(p.label) for p in self.probes.values())
+        print(f"{'path':{width}}  {'median':>10}  unit  runs")
+        for p in self.probes.values():
+            runs = " ".join(f"{v:.4g}" for v in p.values)
+            print(f"{p.label:{width}}  {p.median:10.4g}  {p.unit:4}  {runs}")
+        for name, values in self.rss.items():
+            label = f"vdifs daemon peak RSS ({name} mount)"
+            runs = " ".join(f"{v:.4g}" for v in values)
+            print(f"{label:{width}}  {max(values):10.4g}  MiB   {runs}")
+        print()
+        extras = {
+            "size_mib": self.size / MIB,
+            "runs": self.runs,
+            "raw_mbps": self.probes["raw"].median,
+            "vhd_mbps": self.probes["vhd"].median,
+            "qcow2_mbps": self.probes["qcow2"].median,
+        }
+        fields = {**ratios, **extras}
+        print("RESULT " + " ".join(f"{k}={fmt_value(v)}" for k, v in fields.items()))
+
+
+def code_version() -> str:
+    """Which vdifs the daemons run: the checkout's commit, or another copy."""
+    where = Path(run([sys.executable, "-c", "import vdifs; print(vdifs.__file__)"]).strip())
+    if not where.is_relative_to(REPO):
+        return f"the copy in {where.parent}"
+    try:
+        commit = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).strip()
+        dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "vdifs"]).strip()
+    except (RuntimeError, FileNotFoundError):
+        return f"{REPO} (not a git checkout)"
+    return commit + (" with uncommitted changes in vdifs/" if dirty else "")
+
+
+def fmt_value(value: float | int | None) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 512 MiB disk (under a minute)")
+    parser.add_argument("--size", default=None, help="virtual disk size, e.g. 4G (default 4G)")
+    parser.add_argument("--runs", type=int, default=3, help="rounds; medians are reported")
+    args = parser.parse_args()
+    size_text = args.size or ("512M" if args.quick else "4G")
+    args.size = parse_size(size_text)
+    if args.size <= 0 or args.size % BLOCK:
+        parser.error("--size must be a positive multiple of 2 MiB")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if os.geteuid() != 0:
+        parser.error("run as root (FUSE mounts of peers, page-cache control)")
+    for tool in ("dd", "cp", "ls", "sha256sum", "fusermount3"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is missing")
+
+    workdir = Path(tempfile.mkdtemp(prefix="vdifs-bench-"))
+    res = Resources(workdir)
+    try:
+        with interruptible():
+            bench = Bench(args, res)
+            bench.build()
+            bench.define_probes()
+            bench.measure()
+            bench.report()
+    except KeyboardInterrupt:
+        say("interrupted: cleaning up")
+        return 130
+    finally:
+        res.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
