@@ -302,8 +302,12 @@ class VdifsOperations(pyfuse3.Operations):
         if export is not None:
             pins = self.tree.sr.pin(export.state.block_map.packs)
         self._handles[fh] = Handle(node, export, live, pins=pins)
-        # Snapshot files never change: keep their page cache across opens.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=immutable, direct_io=False)
+        # Snapshot files never change: keep their page cache across opens.  A
+        # read-only open of a live raw.img reads the state it pinned, which the
+        # kernel's page cache (one per inode, shared with the disk's writers)
+        # cannot hold apart: it bypasses the cache (1 MiB requests, no shared mmap).
+        pinned_live = kind == "raw" and not immutable and live is None
+        return pyfuse3.FileInfo(fh=fh, keep_cache=immutable, direct_io=pinned_live)
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -646,9 +646,11 @@ class LocalSR:
         now = time.time()
         for entry in os.scandir(self.packs_dir):
             stem, _, ext = entry.name.partition(".")
-            if ext == "pack.new" and now - entry.stat().st_mtime > STALE_PACK_SECONDS:
+            if ext == "pack.new":
+                # Another process may be naming it right now: it vanishes under us.
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)  # died between creating and naming it
+                    if now - entry.stat().st_mtime > STALE_PACK_SECONDS:
+                        os.unlink(entry.path)  # died between creating and naming it
                 continue
             try:
                 pack = int(stem, 16)
