@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS vdis(
     data_destroyed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS vdis_lineage ON vdis(lineage);
+CREATE INDEX IF NOT EXISTS vdis_snapshot_of ON vdis(snapshot_of);
 CREATE TABLE IF NOT EXISTS blocks(
     vdi INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -132,6 +133,20 @@ CREATE TABLE IF NOT EXISTS imports(
 
 class WouldBlock(Exception):
     """A ``nowait`` read would have waited for the disk (not a user error)."""
+
+
+# Columns added since the first schema, for SRs made by an earlier vdifs.
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "vdis": {
+        "import_identity": "BLOB",
+        "import_name": "TEXT",
+        "import_generation": "INTEGER",
+        "parent": "TEXT",
+        "current": "TEXT",
+        "data_destroyed": "INTEGER NOT NULL DEFAULT 0",
+    },
+    "imports": {"pid": "INTEGER NOT NULL DEFAULT 0"},
+}
 
 
 def default_sr_path() -> Path:
@@ -267,7 +282,17 @@ class LocalSR:
         db.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
         )
+        self._add_missing_columns()
         self.remove_stale_packs()
+
+    def _add_missing_columns(self) -> None:
+        """Bring an SR made by an earlier vdifs up to this schema (additive only)."""
+        with self.transaction() as db:
+            for table, columns in ADDED_COLUMNS.items():
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     # -- connections ---------------------------------------------------------
 
