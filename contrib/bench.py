@@ -141,6 +141,7 @@ MOUNT_WAIT = 20.0
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 VDIFS = str(VENV_BIN / "vdifs") if (VENV_BIN / "vdifs").exists() else "vdifs"
+MOUNT_OPTIONS: list[str] = []  # set from --mount-options
 
 PEER_PACKAGES = {
     "xmount": "xmount",
@@ -352,7 +353,7 @@ class Resources:
 
     def mount_vdifs(self, sr: Path, mountpoint: Path) -> VdifsMount:
         mountpoint.mkdir(parents=True, exist_ok=True)
-        run([VDIFS, "--sr", str(sr), "mount", str(mountpoint)])
+        run([VDIFS, "--sr", str(sr), "mount", str(mountpoint), *MOUNT_OPTIONS])
         pid = daemon_pid(mountpoint)
         mount = VdifsMount(sr, mountpoint, pid)
         self.vdifs_mounts.append(mount)
@@ -899,9 +900,16 @@ def fmt_value(value: float | int | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 512 MiB disk (under a minute)")
+    parser.add_argument(
+        "--mount-options",
+        default="direct_io",
+        help="vdifs -o options (default direct_io, the backup-host setting; '' for none)",
+    )
     parser.add_argument("--size", default=None, help="virtual disk size, e.g. 4G (default 4G)")
     parser.add_argument("--runs", type=int, default=3, help="rounds; medians are reported")
     args = parser.parse_args()
+    if args.mount_options:
+        MOUNT_OPTIONS[:] = ["-o", args.mount_options]
     size_text = args.size or ("512M" if args.quick else "4G")
     args.size = parse_size(size_text)
     if args.size <= 0 or args.size % BLOCK:

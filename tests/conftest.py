@@ -9,6 +9,7 @@ available.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -175,6 +176,16 @@ def mnt(mount_factory: Any) -> Iterator[Mount]:
     m = mount_factory()
     yield m
     assert m.warnings() == [], m.log.read_text()
+
+
+def export_sha(cli: Cli, uuid: str) -> str:
+    """sha256 of a VDI's bytes through vdifs export (no mount involved)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "vdifs", "--sr", str(cli.sr), "export", uuid, "-"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    return hashlib.sha256(out).hexdigest()
 
 
 def fill(path: Path, offset: int, data: bytes) -> None:

@@ -14,14 +14,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, Mount, fill, needs_fuse, needs_tool, wait_for
+from tests.conftest import Cli, Mount, export_sha, fill, needs_fuse, needs_tool, wait_for
 
 pytestmark = [needs_fuse, needs_tool("qemu-img")]
 
@@ -94,6 +93,7 @@ def test_full_then_delta_round_trip_through_the_mount(
     assert wait_for(lambda: sha(mnt.vdi(target) / "raw.img") == sha(mnt.vdi(s2) / "raw.img"), 3)
     status = json.loads((mnt.path / "import" / ".status" / f"{target}.{fmt}.json").read_text())
     assert status["state"] == "done" and status["chunks_applied"] > 0
+    assert status["bytes_received"] == delta.stat().st_size
     # Once applied, a stub keeps the name (rsync stats it) and reads as zeros.
     stub = mnt.path / "import" / f"{target}.{fmt}"
     assert stub.stat().st_size == delta.stat().st_size
@@ -454,12 +454,3 @@ def test_restore_after_checkpoint_and_gc(cli: Cli, tmp_path: Path) -> None:
     cli("import", restored, str(tmp_path / "s2.vhd"))
     assert export_sha(cli, restored) == hashlib.sha256(b.read_bytes()).hexdigest()
     assert cli("vdi", "snapshot", "r") and cli("vdi", "snapshot", "r")  # names resolve to the VDI
-
-
-def export_sha(cli: Cli, uuid: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "vdifs", "--sr", str(cli.sr), "export", uuid, "-"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    return hashlib.sha256(out).hexdigest()

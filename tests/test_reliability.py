@@ -17,20 +17,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, Mount, fill, needs_fuse, needs_tool, wait_for
+from tests.conftest import Cli, Mount, export_sha, fill, needs_fuse, needs_tool, wait_for
 
 pytestmark = [needs_fuse, needs_tool("qemu-img")]
 
 MiB = 1 << 20
-
-
-def export_sha(cli: Cli, uuid: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "vdifs", "--sr", str(cli.sr), "export", uuid, "-"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    return hashlib.sha256(out).hexdigest()
 
 
 def make_image(tmp_path: Path, fmt: str, size: int, seed: int) -> tuple[Path, str]:

@@ -566,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         dest="options",
         metavar="OPTIONS",
-        help="comma-separated: ro, allow_other, allow_root, auto_unmount, debug, snapshot_admin",
+        help="comma-separated: ro, allow_other, allow_root, auto_unmount, debug,"
+        " snapshot_admin, direct_io (images bypass the page cache: fastest for cp/qemu-img)",
     )
     p = add(sub, "umount", cmd_umount, "unmount a vdifs mount")
     p.add_argument("mountpoint")

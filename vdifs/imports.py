@@ -302,7 +302,9 @@ class ImportJob:
         record = writer.commit()
         self.finished = True
         seconds = time.monotonic() - self.started
-        _record_end(self.sr, self.id, "done", None, 0, writer.chunks_written, seconds, record.uuid)
+        _record_end(
+            self.sr, self.id, "done", None, 0, writer.chunks_written, seconds, record.uuid, received
+        )
         log.info(
             "import %s into %s: %d chunks in %.2f s",
             self.name,
@@ -322,7 +324,7 @@ class ImportJob:
         with self.sr.transaction() as db:
             db.execute("DELETE FROM imports WHERE id = ?", (self.id,))
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, received: int | None = None) -> None:
         """Drop what was staged and record why; the target is as it was."""
         if self.finished:
             return
@@ -333,7 +335,8 @@ class ImportJob:
             message, code = str(exc), exc.errno
         else:
             message, code = f"internal error: {exc!r}", errno_module.EIO
-        _record_end(self.sr, self.id, "failed", message, code, 0, time.monotonic() - self.started)
+        seconds = time.monotonic() - self.started
+        _record_end(self.sr, self.id, "failed", message, code, 0, seconds, None, received)
 
 
 def run_import(

@@ -226,11 +226,8 @@ class VhdStream:
         self.state = "failed"
         self.error = exc
         self.block = bytearray()
-        if self.job is not None:
-            self.job.fail(exc)
-        else:
-            job = self.make_job()
-            job.fail(exc)
+        job = self.job if self.job is not None else self.make_job()
+        job.fail(exc, received=self.pos)
 
     def truncated_to(self, size: int) -> None:
         """The upload was truncated: below the stream, that is a step back."""
@@ -253,7 +250,7 @@ class VhdStream:
                 raise MalformedImage("the footer at the end differs from the copy at offset 0")
             return self.job.commit(received=size)
         except BaseException as exc:
-            self.job.fail(exc)
+            self.job.fail(exc, received=size)
             self.state = "failed"
             self.error = exc if isinstance(exc, VdifsError) else None
             raise

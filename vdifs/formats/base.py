@@ -114,6 +114,33 @@ class Layout(Protocol):
         ...
 
 
+def coalesce(pieces: Iterator[Segment]) -> Iterator[Segment]:
+    """Merge neighbours of one kind: touching Data runs, Zero runs, Meta bytes.
+
+    Layouts yield pieces as their structure dictates; readers want few, long
+    segments.
+    """
+    pending: Segment | None = None
+    for piece in pieces:
+        if pending is None:
+            pending = piece
+        elif isinstance(piece, Zero) and isinstance(pending, Zero):
+            pending = Zero(pending.length + piece.length)
+        elif (
+            isinstance(piece, Data)
+            and isinstance(pending, Data)
+            and pending.virtual_offset + pending.length == piece.virtual_offset
+        ):
+            pending = Data(pending.virtual_offset, pending.length + piece.length)
+        elif isinstance(piece, Meta) and isinstance(pending, Meta):
+            pending = Meta(pending.data + piece.data)
+        else:
+            yield pending
+            pending = piece
+    if pending is not None:
+        yield pending
+
+
 ReadVirtual = Callable[[int, int], bytes]
 
 

@@ -46,6 +46,7 @@ from vdifs.formats.base import (
     ParentRef,
     Segment,
     Zero,
+    coalesce,
 )
 
 CLUSTER_SIZE = c_qcow2.CLUSTER_SIZE
@@ -157,7 +158,7 @@ class Qcow2Layout:
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         if offset < 0 or length < 0:
             raise ValueError(f"bad range offset={offset} length={length}")
-        return _coalesce(self._pieces(offset, min(offset + length, self._size)))
+        return coalesce(self._pieces(offset, min(offset + length, self._size)))
 
     # --- regions ---
 
@@ -323,29 +324,6 @@ def _used_then_zero(
         yield Meta(used_bytes(start, min(end, used)))
     if end > used:
         yield Zero(end - max(start, used))
-
-
-def _coalesce(pieces: Iterator[Segment]) -> Iterator[Segment]:
-    """Merge neighbours of one kind: touching Data runs, Zero runs, Meta bytes."""
-    pending: Segment | None = None
-    for piece in pieces:
-        if pending is None:
-            pending = piece
-        elif isinstance(piece, Zero) and isinstance(pending, Zero):
-            pending = Zero(pending.length + piece.length)
-        elif (
-            isinstance(piece, Data)
-            and isinstance(pending, Data)
-            and pending.virtual_offset + pending.length == piece.virtual_offset
-        ):
-            pending = Data(pending.virtual_offset, pending.length + piece.length)
-        elif isinstance(piece, Meta) and isinstance(pending, Meta):
-            pending = Meta(pending.data + piece.data)
-        else:
-            yield pending
-            pending = piece
-    if pending is not None:
-        yield pending
 
 
 def _header_bytes(

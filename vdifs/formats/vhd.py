@@ -39,6 +39,7 @@ from vdifs.formats.base import (
     ParentRef,
     Segment,
     Zero,
+    coalesce,
 )
 
 BITMAP_SIZE = c_vhd.bitmap_size(BLOCK_SIZE)
@@ -119,7 +120,7 @@ class VhdLayout:
     def segments(self, offset: int, length: int) -> Iterator[Segment]:
         if offset < 0 or length < 0:
             raise ValueError(f"bad range offset={offset} length={length}")
-        return _coalesce(self._pieces(offset, min(offset + length, self._size)))
+        return coalesce(self._pieces(offset, min(offset + length, self._size)))
 
     def _pieces(self, start: int, end: int) -> Iterator[Segment]:
         """Segments of ``[start, end)``, one region at a time, not yet merged."""
@@ -208,29 +209,6 @@ def _data_pieces(
         if piece_end > max(data_end, start):
             yield Zero(piece_end - max(data_end, start))
         start = piece_end
-
-
-def _coalesce(pieces: Iterator[Segment]) -> Iterator[Segment]:
-    """Merge neighbours of one kind: touching Data runs, Zero runs, Meta bytes."""
-    pending: Segment | None = None
-    for piece in pieces:
-        if pending is None:
-            pending = piece
-        elif isinstance(piece, Zero) and isinstance(pending, Zero):
-            pending = Zero(pending.length + piece.length)
-        elif (
-            isinstance(piece, Data)
-            and isinstance(pending, Data)
-            and pending.virtual_offset + pending.length == piece.virtual_offset
-        ):
-            pending = Data(pending.virtual_offset, pending.length + piece.length)
-        elif isinstance(piece, Meta) and isinstance(pending, Meta):
-            pending = Meta(pending.data + piece.data)
-        else:
-            yield pending
-            pending = piece
-    if pending is not None:
-        yield pending
 
 
 @functools.lru_cache(maxsize=256)

@@ -31,7 +31,7 @@ BASE_OPTIONS = frozenset(
     {"fsname=vdifs", "subtype=vdifs", "default_permissions", "nosuid", "nodev"}
 )
 PASSTHROUGH = frozenset({"ro", "rw", "allow_other", "allow_root", "auto_unmount", "debug"})
-VDIFS_OPTIONS = frozenset({"snapshot_admin"})  # ours, not passed to FUSE
+VDIFS_OPTIONS = frozenset({"snapshot_admin", "direct_io"})  # ours, not passed to FUSE
 MOUNT_WAIT_SECONDS = 20
 
 
@@ -130,7 +130,7 @@ def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None
     check_free(mountpoint)
     sr = LocalSR(sr_path)
     tree = Tree(sr, read_only="ro" in options, snapshot_admin="snapshot_admin" in options)
-    ops = VdifsOperations(tree)
+    ops = VdifsOperations(tree, direct_io_images="direct_io" in options)
     pyfuse3.init(ops, str(mountpoint), set(BASE_OPTIONS | (options - VDIFS_OPTIONS)))
     log.info("serving %s on %s", sr_path, mountpoint)
     try:

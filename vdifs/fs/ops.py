@@ -88,9 +88,11 @@ class Handle:
 class VdifsOperations(pyfuse3.Operations):
     enable_writeback_cache = False  # keep per-write errors and ordering (see docs)
 
-    def __init__(self, tree: Tree) -> None:
+    def __init__(self, tree: Tree, *, direct_io_images: bool = False) -> None:
         super().__init__()
         self.tree = tree
+        # -o direct_io: images skip the page cache, for streaming readers.
+        self.direct_io_images = direct_io_images
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._handles: dict[int, Handle] = {}
@@ -306,11 +308,12 @@ class VdifsOperations(pyfuse3.Operations):
         # read-only open of a live raw.img reads the state it pinned, which the
         # kernel's page cache (one per inode, shared with the disk's writers)
         # cannot hold apart: it bypasses the cache (1 MiB requests, no shared mmap).
-        # Images (full.*, delta-from/*) are streamed once by cp, rsync, qemu-img:
-        # bypassing the page cache gives 1 MiB requests, measured 1.5x to 3.9x
-        # faster (docs/performance.md); raw.img of a snapshot stays cached.
+        # With -o direct_io, images (full.*, delta-from/*) bypass the page cache:
+        # 1 MiB requests for streaming readers (cp, qemu-img: measured 1.5x to
+        # 3.9x faster, docs/performance.md), but one request per read() for
+        # small-buffer readers (sha256sum): so it is an option, not the default.
         pinned_live = kind == "raw" and not immutable and live is None
-        direct = pinned_live or kind in ("full", "delta")
+        direct = pinned_live or (self.direct_io_images and kind in ("full", "delta"))
         return pyfuse3.FileInfo(fh=fh, keep_cache=immutable and not direct, direct_io=direct)
 
     @_errors
