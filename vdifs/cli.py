@@ -417,6 +417,13 @@ def cmd_demo(sr: LocalSR, args: argparse.Namespace) -> None:
 # -- the parser -------------------------------------------------------------------
 
 
+def add_delete_scope(parser: argparse.ArgumentParser) -> None:
+    """--children / --children-only, as libvirt's snapshot-delete has them."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--children", action="store_true", help="also delete its descendants")
+    group.add_argument("--children-only", action="store_true", help="delete only its descendants")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vdifs",
@@ -466,9 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "delete a snapshot (its children are re-parented); prints what was deleted",
     )
     p.add_argument("snapshot", help="uuid (or an unambiguous name)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--children", action="store_true", help="also delete its descendants")
-    group.add_argument("--children-only", action="store_true", help="delete only its descendants")
+    add_delete_scope(p)
     p = add(
         vdi_sub,
         "data-destroy",
@@ -528,9 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("snapshot", help="VM snapshot uuid (or an unambiguous name)")
     p = add(vm_sub, "snapshot-delete", cmd_vm_snapshot_delete, "delete a VM snapshot")
     p.add_argument("snapshot")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--children", action="store_true", help="also delete its descendants")
-    group.add_argument("--children-only", action="store_true", help="delete only its descendants")
+    add_delete_scope(p)
 
     p = add(sub, "export", cmd_export, "write a VDI as raw, VHD or qcow2 (xe vdi-export)")
     p.add_argument("vdi", help="uuid (or an unambiguous name)")

@@ -393,19 +393,28 @@ class LocalSR:
         row = db.execute(f"SELECT {self._COLUMNS} FROM vdis WHERE uuid = ?", (uuid,)).fetchone()
         if row is None:
             raise NotFound(f"no VDI with uuid {uuid}")
-        snaps = tuple(
-            r[0]
-            for r in db.execute(
-                "SELECT uuid FROM vdis WHERE snapshot_of = ? ORDER BY created, uuid", (uuid,)
-            )
+        snaps = self.related("vdis", "snapshot_of", uuid)
+        return self._record(row, snaps, self.related("vdis", "parent", uuid))
+
+    _TREE_LINKS = frozenset({("vdis", "snapshot_of"), ("vdis", "parent"), ("vms", "snapshot_of"),
+                             ("vms", "parent")})  # fmt: skip
+
+    def related(self, table: str, column: str, uuid: str) -> tuple[str, ...]:
+        """uuids of VDIs or VMs whose ``snapshot_of`` or ``parent`` is ``uuid``, oldest first."""
+        if (table, column) not in self._TREE_LINKS:
+            raise ValueError(f"no tree link {table}.{column}")
+        rows = self.db.execute(
+            f"SELECT uuid FROM {table} WHERE {column} = ? ORDER BY created, uuid", (uuid,)
         )
-        children = tuple(
-            r[0]
-            for r in db.execute(
-                "SELECT uuid FROM vdis WHERE parent = ? ORDER BY created, uuid", (uuid,)
-            )
-        )
-        return self._record(row, snaps, children)
+        return tuple(r[0] for r in rows)
+
+    def descendants(self, uuid: str, table: str = "vdis") -> list[str]:
+        """Snapshots below one in its tree, deepest first (a safe delete order)."""
+        out: list[str] = []
+        for child in self.related(table, "parent", uuid):
+            out += self.descendants(child, table)
+            out.append(child)
+        return out
 
     def block_map(self, vdi: VdiRecord) -> BlockMap:
         rows = self.db.execute(
@@ -506,16 +515,6 @@ class LocalSR:
             db.execute("DELETE FROM blocks WHERE vdi = ?", (record.id,))
             db.execute("DELETE FROM vdis WHERE id = ?", (record.id,))
             db.execute("DELETE FROM vm_disks WHERE vdi = ?", (uuid,))
-
-    def descendants(self, uuid: str) -> list[str]:
-        """Snapshots below one in the tree, deepest first (a safe delete order)."""
-        out: list[str] = []
-        for (child,) in self.db.execute(
-            "SELECT uuid FROM vdis WHERE parent = ? ORDER BY created", (uuid,)
-        ).fetchall():
-            out += self.descendants(child)
-            out.append(child)
-        return out
 
     def delete_snapshot(
         self, uuid: str, *, children: bool = False, only_children: bool = False

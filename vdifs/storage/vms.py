@@ -79,18 +79,8 @@ class Vms:
         db = self.sr.db
         uuid = row[0]
         disks = dict(db.execute("SELECT device, vdi FROM vm_disks WHERE vm = ?", (uuid,)))
-        snaps = tuple(
-            r[0]
-            for r in db.execute(
-                "SELECT uuid FROM vms WHERE snapshot_of = ? ORDER BY created, uuid", (uuid,)
-            )
-        )
-        children = tuple(
-            r[0]
-            for r in db.execute(
-                "SELECT uuid FROM vms WHERE parent = ? ORDER BY created, uuid", (uuid,)
-            )
-        )
+        snaps = self.sr.related("vms", "snapshot_of", uuid)
+        children = self.sr.related("vms", "parent", uuid)
         return VmRecord(
             uuid=uuid,
             name_label=row[1],
@@ -280,15 +270,6 @@ class Vms:
             )
         return self.get(vm.uuid)
 
-    def descendants(self, uuid: str) -> list[str]:
-        out: list[str] = []
-        for (child,) in self.sr.db.execute(
-            "SELECT uuid FROM vms WHERE parent = ? ORDER BY created", (uuid,)
-        ).fetchall():
-            out += self.descendants(child)
-            out.append(child)
-        return out
-
     def delete_snapshot(
         self, snapshot: str, *, children: bool = False, only_children: bool = False
     ) -> list[str]:
@@ -297,7 +278,7 @@ class Vms:
             snap = self.get(snapshot)
             if not snap.is_a_snapshot:
                 raise InvalidArgument(f"{snapshot} is a VM, not a VM snapshot")
-            doomed = self.descendants(snapshot) if (children or only_children) else []
+            doomed = self.sr.descendants(snapshot, "vms") if (children or only_children) else []
             if not only_children:
                 doomed.append(snapshot)
             for victim_uuid in doomed:
