@@ -386,7 +386,8 @@ def test_a_sequential_vhd_is_applied_as_it_arrives(cli: Cli, mnt: Mount, tmp_pat
     data = image.read_bytes()
     os.write(fd, data[: 40 * MiB])
     with pytest.raises(OSError) as exc:
-        os.pwrite(fd, b"\0" * 512, 0)
+        os.pwrite(fd, b"\0" * 512, 0)  # queued: its error comes at the latest at fsync/close
+        os.fsync(fd)
     assert exc.value.errno == errno.EINVAL
     with contextlib.suppress(OSError):
         os.close(fd)

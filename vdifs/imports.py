@@ -140,29 +140,33 @@ class Applier:
             return bytearray(CHUNK_SIZE)
         return bytearray(self.sr.read_chunk(self.base.chunk_id(chunk)))
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
         pos = 0
         while pos < len(view):
             chunk, within = divmod(offset + pos, CHUNK_SIZE)
+            whole = (len(view) - pos) // CHUNK_SIZE if within == 0 else 0
+            if whole:
+                if self.open:
+                    for c in range(chunk, chunk + whole):
+                        self.open.pop(c, None)
+                self.writer.write_chunks(chunk, view[pos : pos + whole * CHUNK_SIZE])
+                pos += whole * CHUNK_SIZE
+                continue
             take = min(CHUNK_SIZE - within, len(view) - pos)
-            if take == CHUNK_SIZE:
-                self.open.pop(chunk, None)
-                self.writer.write_chunk(chunk, bytes(view[pos : pos + take]))
-            else:
-                buf = self.open.get(chunk)
-                if buf is None:
-                    buf = self.open[chunk] = self._current(chunk)
-                buf[within : within + take] = view[pos : pos + take]
-                if len(self.open) > OPEN_CHUNK_LIMIT:
-                    oldest = next(iter(self.open))
-                    self.writer.write_chunk(oldest, bytes(self.open.pop(oldest)))
+            buf = self.open.get(chunk)
+            if buf is None:
+                buf = self.open[chunk] = self._current(chunk)
+            buf[within : within + take] = view[pos : pos + take]
+            if len(self.open) > OPEN_CHUNK_LIMIT:
+                oldest = next(iter(self.open))
+                self.writer.write_chunk(oldest, self.open.pop(oldest))
             pos += take
         self.bytes_applied += len(view)
 
     def finish(self) -> None:
         for chunk, buf in self.open.items():
-            self.writer.write_chunk(chunk, bytes(buf))
+            self.writer.write_chunk(chunk, buf)
         self.open.clear()
 
 
@@ -449,18 +453,24 @@ def _record_end(
 
 def record_interrupted(sr: LocalSR, name: str, request: ImportName | None, size: int) -> None:
     """Record an upload whose writer died before finishing it."""
+    record_not_applied(
+        sr,
+        name,
+        request,
+        size,
+        "the upload was interrupted (its writer was killed); nothing was applied",
+        errno_module.EINVAL,
+    )
+
+
+def record_not_applied(
+    sr: LocalSR, name: str, request: ImportName | None, size: int, error: str, errno: int
+) -> None:
+    """Record an upload that failed before its import could start or finish."""
     fmt = request.fmt if request is not None else "unknown"
     target = request.target if request is not None else None
     import_id = _record_start(sr, name, target, fmt, size)
-    _record_end(
-        sr,
-        import_id,
-        "failed",
-        "the upload was interrupted (its writer was killed); nothing was applied",
-        errno_module.EINVAL,
-        0,
-        0.0,
-    )
+    _record_end(sr, import_id, "failed", error, errno, 0, 0.0)
 
 
 def import_status(sr: LocalSR, limit: int = 50) -> list[dict[str, Any]]:

@@ -4,8 +4,10 @@
 copy, header and BAT have arrived, the image is validated as a file of the
 smallest size that can hold its blocks, the import is prepared (sizes, the
 delta's base), and from then on each block is applied to the writer as soon
-as its last byte arrives; its bytes are then punched out of the staging file,
-so the upload never sits whole on disk and memory holds at most one block.
+as its last byte arrives.  Blocks that arrived before the first was applied
+are punched out of the staging file; later ones never reach it (only the
+footer does), so the upload never sits whole on disk and memory holds at
+most one block.
 ``close()`` only checks the end (the footer must repeat the copy at offset
 0, every block must have arrived) and commits.
 
@@ -77,12 +79,29 @@ class VhdStream:
         self.span: BlockSpan | None = None
         self.block = bytearray()
         self.applied_any = False
+        self.staged_end = 0  # staged bytes lie below this offset
 
     @property
     def active(self) -> bool:
         return self.state in ("head", "streaming")
 
     # -- feeding -------------------------------------------------------------------
+
+    def wants_staged(self, offset: int, length: int) -> bool:
+        """Whether these bytes must reach the staging file.
+
+        Once a block has been applied the upload can no longer fall back to
+        staging, so block bytes are only needed in memory: staging them
+        would cost a copy and a punch.  The footer (at the end) is staged.
+        """
+        if (
+            self.state == "streaming"
+            and self.applied_any
+            and offset + length <= self.presumed_size - c_vhd.FOOTER_SIZE
+        ):
+            return False
+        self.staged_end = max(self.staged_end, offset + length)
+        return True
 
     def feed(self, offset: int, data: bytes) -> None:
         """Take bytes just written at ``offset``; raises the upload's error if it failed."""
@@ -208,7 +227,8 @@ class VhdStream:
         for write in self.parsed.block_writes(span, bytes(block[: span.bitmap_size])):
             at = write.file_offset - span.bitmap_offset
             applier.write(write.virtual_offset, memoryview(block)[at : at + write.length])
-        punch_hole(self.staging_fd, span.bitmap_offset, span.end - span.bitmap_offset)
+        if span.bitmap_offset < self.staged_end:
+            punch_hole(self.staging_fd, span.bitmap_offset, span.end - span.bitmap_offset)
         self.applied_any = True
 
     # -- outcomes ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from vdifs.imports import (
     file_reader,
     parse_import_name,
     record_interrupted,
+    record_not_applied,
     run_import,
 )
 from vdifs.storage.local import LocalSR, check_name
@@ -157,22 +158,38 @@ class Upload:
 
         self.stream = VhdStream(make_job, self.fd)
 
-    @property
-    def streaming(self) -> bool:
-        """Whether writes go through the stream (blocking work: off the event loop)."""
-        return self.stream is not None and (self.stream.active or self.stream.state == "failed")
-
-    def write(self, offset: int, data: bytes) -> int:
-        end = offset + len(data)
-        if end > MAX_UPLOAD_SIZE:
+    def accept(self, offset: int, length: int) -> None:
+        """Account for a write about to be stored (on the event loop, in arrival order)."""
+        if offset + length > MAX_UPLOAD_SIZE:
             raise TooLarge(f"an upload may not exceed {MAX_UPLOAD_SIZE} bytes")
-        written = os.pwrite(self.fd, data, offset)
-        self.size = max(self.size, offset + written)
+        self.size = max(self.size, offset + length)
         self.dirty = True
         self.mtime_ns = time.time_ns()
-        if self.stream is not None:
-            self.stream.feed(offset, data[:written])
-        return written
+
+    def store(self, offset: int, data: bytes) -> None:
+        """Stage and stream an accepted write (blocking: hashing, storing)."""
+        stream = self.stream
+        staged = stream is None or stream.wants_staged(offset, len(data))
+        if staged and os.pwrite(self.fd, data, offset) != len(data):
+            raise OSError(errno.ENOSPC, "short write to the staging file")
+        if stream is not None:
+            stream.feed(offset, data)
+
+    def abandon(self, exc: BaseException) -> None:
+        """A write could not be stored: nothing will be applied, and the records say why."""
+        if self.applied:
+            return
+        self.applied = self.failed = True
+        stream = self.stream
+        if stream is not None and stream.state == "failed":
+            return  # the stream recorded its own failure
+        if stream is not None:
+            stream.close()
+        if self.request is not None:
+            err = getattr(exc, "errno", None) or errno.EIO
+            record_not_applied(
+                self.sr, self.name, self.request, self.size, f"a write failed: {exc}", err
+            )
 
     def read(self, offset: int, length: int) -> bytes:
         length = min(length, max(0, self.size - offset))

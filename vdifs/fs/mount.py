@@ -104,7 +104,7 @@ def raise_read_ahead(mountpoint: Path) -> None:
 
 async def _serve(ops: VdifsOperations, mountpoint: Path) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ops.watch_sr)
+        ops.start(nursery)
         nursery.start_soon(_after_init, mountpoint)
         nursery.start_soon(_stop_on_signals)
         await pyfuse3.main(min_tasks=2, max_tasks=64)

@@ -29,6 +29,7 @@ import trio
 
 from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
+from vdifs.fs.pipeline import WritePipeline
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
 from vdifs.livedisk import DIRTY_LIMIT, LiveDisk
 from vdifs.storage.local import PackPins, WouldBlock
@@ -99,9 +100,15 @@ class VdifsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._live: dict[str, LiveDisk] = {}
         self._flush_locks: dict[str, trio.Lock] = {}
-        self._upload_locks: dict[int, trio.Lock] = {}
+        self._pipelines: dict[int, WritePipeline] = {}  # by id() of an open upload
+        self._nursery: trio.Nursery | None = None
         self.uid = os.geteuid()
         self.gid = os.getegid()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run the background tasks (SR watching, stored writes) in ``nursery``."""
+        self._nursery = nursery
+        nursery.start_soon(self.watch_sr)
 
     # -- inodes ----------------------------------------------------------------
 
@@ -193,7 +200,9 @@ class VdifsOperations(pyfuse3.Operations):
         if node[0] == "upload":
             # Uploads take truncation (O_TRUNC, rsync); modes and times are ignored.
             if fields.update_size:
-                self.tree.uploads.get(node[1]).truncate(attr.st_size)
+                upload = self.tree.uploads.get(node[1])
+                await self._settle(upload)
+                upload.truncate(attr.st_size)
             return self._entry(node)
         if fields.update_size and attr.st_size != self.tree.attr(node).size:
             # A disk's size is fixed; truncation (cp's O_TRUNC) would destroy it.
@@ -281,6 +290,7 @@ class VdifsOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         if kind == "upload":
             upload = self.tree.uploads.get(node[1])
+            await self._settle(upload)
             if write:
                 # libfuse negotiates atomic O_TRUNC: truncation arrives here, not in setattr.
                 self.tree.uploads.rearm(upload, ctx.pid, truncate=bool(flags & os.O_TRUNC))
@@ -322,6 +332,7 @@ class VdifsOperations(pyfuse3.Operations):
         if handle.data is not None:
             return handle.data[off : off + size]
         if handle.upload is not None:
+            await self._settle(handle.upload)
             return handle.upload.read(off, size)
         # pyfuse3 replies from any buffer: the bytearray goes out without a copy.
         if handle.live is not None:
@@ -338,15 +349,17 @@ class VdifsOperations(pyfuse3.Operations):
         handle = self._handles[fh]
         upload = handle.upload
         if upload is not None:
-            if not upload.streaming:
-                return upload.write(off, buf)  # a page-cache write: stays on the loop
-            # Applying blocks as they arrive hashes and stores: one thread hop per
-            # request, one request at a time per upload, in arrival order.
-            lock = self._upload_locks.setdefault(id(upload), trio.Lock())
-            async with lock:
-                return await trio.to_thread.run_sync(
-                    upload.write, off, buf, limiter=BACKEND_LIMITER
-                )
+            # Answered once queued: storing (hashing, for a streamed VHD) runs
+            # behind the reply while the next write arrives (vdifs.fs.pipeline).
+            pipeline = self._pipelines.get(id(upload))
+            if pipeline is None:
+                assert self._nursery is not None
+                pipeline = WritePipeline(upload.store, self._nursery, BACKEND_LIMITER)
+                self._pipelines[id(upload)] = pipeline
+            pipeline.raise_error()
+            upload.accept(off, len(buf))
+            await pipeline.write(off, buf)
+            return len(buf)
         live = handle.live
         if live is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -371,6 +384,17 @@ class VdifsOperations(pyfuse3.Operations):
             # The writer's own raw.img pages already hold what it wrote.
             await self._invalidate_changed(changed, keep_raw_of=live.uuid)
 
+    async def _settle(self, upload: Upload) -> None:
+        """Wait for an upload's queued writes; a write that failed fails the upload."""
+        pipeline = self._pipelines.get(id(upload))
+        if pipeline is None:
+            return
+        try:
+            await pipeline.settle()
+        except BaseException as exc:
+            await trio.to_thread.run_sync(upload.abandon, exc, limiter=BACKEND_LIMITER)
+            raise
+
     async def _apply_upload(self, upload: Upload) -> None:
         """Apply a finished upload off the loop; its error becomes this call's errno."""
         try:
@@ -387,6 +411,8 @@ class VdifsOperations(pyfuse3.Operations):
         if handle.live is not None:
             await self._flush_live(handle.live)
         upload = handle.upload
+        if upload is not None:
+            await self._settle(upload)
         if (
             upload is not None
             and upload.ready
@@ -409,7 +435,9 @@ class VdifsOperations(pyfuse3.Operations):
             if handle.upload.applied:
                 self.tree.uploads.finish(handle.upload)
             if handle.upload.handles == 0:
-                self._upload_locks.pop(id(handle.upload), None)
+                pipeline = self._pipelines.pop(id(handle.upload), None)
+                if pipeline is not None:
+                    pipeline.close()  # settled by the flush that came first
         live = handle.live
         if live is not None:
             live.open_handles -= 1
@@ -496,6 +524,8 @@ class VdifsOperations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._import_dir(parent_inode)
         upload = self.tree.uploads.get(os.fsdecode(name))
+        with contextlib.suppress(Exception):
+            await self._settle(upload)  # its queued writes go nowhere: only wait for them
         upload.applied = True  # never apply what was deleted
         self.tree.uploads.remove(upload)
 

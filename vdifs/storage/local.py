@@ -21,6 +21,7 @@ being written are flock()ed so that a concurrent process never removes them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -55,6 +56,7 @@ ZERO_CHUNK = bytes(CHUNK_SIZE)
 PACK_SLOTS = 16384  # 1 GiB per pack: few files, yet a failed import wastes at most that
 MAX_VIRTUAL_SIZE = 64 << 40  # 64 TiB: qcow2 serves it; keeps block-map rows within u32 indexes
 STALE_PACK_SECONDS = 60  # a pack still without its name this long was left by a crash
+IOV_MAX = 1024  # buffers per pwritev (Linux)
 DIGEST_BYTES = 16  # SHA-256 prefix: 2^64 birthday bound, half the index size
 
 _SCHEMA = """
@@ -165,7 +167,7 @@ def utc_iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def chunk_digest(data: bytes) -> bytes:
+def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()[:DIGEST_BYTES]
 
 
@@ -844,46 +846,93 @@ class ChunkWriter:
             self._packs.append((pack, fd, 0))
             return
 
-    def _store(self, data: bytes, digest: bytes) -> int:
-        known = self._new_digests.get(digest)
-        if known is not None:
-            return known
-        row = self.sr.db.execute("SELECT id FROM chunks WHERE digest = ?", (digest,)).fetchone()
-        if row is not None:
-            self._reused_packs.add(int(row[0]) >> 32)
-            return int(row[0])
+    def write_chunk(self, chunk: int, data: bytes | bytearray | memoryview) -> None:
+        """Set one chunk.  ``data`` is at most CHUNK_SIZE bytes (zero-padded)."""
+        if len(data) != CHUNK_SIZE:
+            data = bytes(data).ljust(CHUNK_SIZE, b"\0")
+        self.write_chunks(chunk, data)
+
+    def write_chunks(self, first: int, data: bytes | bytearray | memoryview) -> None:
+        """Set the whole chunks ``data`` holds, from chunk ``first`` on.
+
+        The import path: a run is hashed, looked up in one query and written
+        with one ``pwritev`` per run of new slots, not chunk by chunk.
+        """
+        view = memoryview(data).cast("B")
+        count, rest = divmod(len(view), CHUNK_SIZE)
+        if rest:
+            raise InvalidArgument("write_chunks takes whole chunks")
+        if first < 0 or (first + count - 1) * CHUNK_SIZE >= self.virtual_size:
+            raise InvalidArgument(f"chunks {first}..{first + count - 1} are outside the disk")
+        pieces = [view[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] for i in range(count)]
+        data_at = [i for i, piece in enumerate(pieces) if piece != ZERO_CHUNK]
+        ids = [0] * count
+        stored = self._store([pieces[i] for i in data_at])
+        for i, chunk_id in zip(data_at, stored, strict=True):
+            ids[i] = chunk_id
+        for i, chunk_id in enumerate(ids):
+            block, c = divmod(first + i, CHUNKS_PER_BLOCK)
+            row = self._rows.get(block)
+            if row is None:
+                row = self._rows[block] = bytearray(ROW_BYTES)
+            row[c * 8 : c * 8 + 8] = chunk_id.to_bytes(8, "little")
+            self._written[block] = self._written.get(block, 0) | 1 << c
+        self.chunks_written += count
+
+    def _store(self, pieces: list[memoryview]) -> list[int]:
+        """Chunk ids for non-zero chunks: known content reused, the rest written."""
+        digests = [chunk_digest(piece) for piece in pieces]
+        unknown = {d for d in digests if d not in self._new_digests}
+        known: dict[bytes, int] = {}
+        if unknown:
+            marks = ",".join("?" * len(unknown))
+            known = {
+                bytes(digest): int(chunk_id)
+                for digest, chunk_id in self.sr.db.execute(
+                    f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", tuple(unknown)
+                )
+            }
+            self._reused_packs.update(chunk_id >> 32 for chunk_id in known.values())
+        ids: list[int] = []
+        new: list[tuple[int, memoryview]] = []  # (slot id, data), slots in increasing order
+        for piece, digest in zip(pieces, digests, strict=True):
+            chunk_id = self._new_digests.get(digest) or known.get(digest)
+            if chunk_id is None:
+                chunk_id = self._new_slot()
+                self._new_digests[digest] = chunk_id
+                new.append((chunk_id, piece))
+            ids.append(chunk_id)
+        self._write_slots(new)
+        return ids
+
+    def _new_slot(self) -> int:
         if not self._packs or self._packs[-1][2] >= PACK_SLOTS:
             self._open_pack()
         pack, fd, slots = self._packs[-1]
-        try:
-            os.pwrite(fd, data, slots * CHUNK_SIZE)
-        except OSError as exc:
-            if exc.errno == 28:
-                raise NoSpace("the SR's file system is full") from None
-            raise
         self._packs[-1] = (pack, fd, slots + 1)
-        chunk_id = pack << 32 | slots
-        self._new_digests[digest] = chunk_id
-        self.bytes_stored += CHUNK_SIZE
-        return chunk_id
+        return pack << 32 | slots
 
-    def write_chunk(self, chunk: int, data: bytes, digest: bytes | None = None) -> None:
-        """Set one chunk.  ``data`` is at most CHUNK_SIZE bytes (zero-padded)."""
-        if chunk < 0 or chunk * CHUNK_SIZE >= self.virtual_size:
-            raise InvalidArgument(f"chunk {chunk} is outside the disk")
-        if len(data) != CHUNK_SIZE:
-            data = bytes(data).ljust(CHUNK_SIZE, b"\0")
-        if data == ZERO_CHUNK:
-            chunk_id = 0
-        else:
-            chunk_id = self._store(data, digest or chunk_digest(data))
-        block, c = divmod(chunk, CHUNKS_PER_BLOCK)
-        row = self._rows.get(block)
-        if row is None:
-            row = self._rows[block] = bytearray(ROW_BYTES)
-        row[c * 8 : c * 8 + 8] = chunk_id.to_bytes(8, "little")
-        self._written[block] = self._written.get(block, 0) | 1 << c
-        self.chunks_written += 1
+    def _write_slots(self, new: list[tuple[int, memoryview]]) -> None:
+        """One pwritev per run of consecutive slots (a run ends where a pack does)."""
+        fds = {pack: fd for pack, fd, _slots in self._packs}
+        start = 0
+        while start < len(new):
+            end = start + 1
+            while end < len(new) and end - start < IOV_MAX and new[end][0] == new[end - 1][0] + 1:
+                end += 1
+            first = new[start][0]
+            try:
+                os.pwritev(
+                    fds[first >> 32],
+                    [piece for _id, piece in new[start:end]],
+                    (first & 0xFFFFFFFF) * CHUNK_SIZE,
+                )
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise NoSpace("the SR's file system is full") from None
+                raise
+            start = end
+        self.bytes_stored += len(new) * CHUNK_SIZE
 
     def staged_chunk(self, chunk: int) -> bytes | None:
         """This writer's content for a chunk, or None if it has not written it."""
