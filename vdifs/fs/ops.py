@@ -97,6 +97,7 @@ class VdifsOperations(pyfuse3.Operations):
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._handles: dict[int, Handle] = {}
+        self._listings: dict[int, tuple[Node, list[tuple[int, str, Node]]]] = {}
         self._next_fh = 1
         self._live: dict[str, LiveDisk] = {}
         self._flush_locks: dict[str, trio.Lock] = {}
@@ -244,15 +245,22 @@ class VdifsOperations(pyfuse3.Operations):
         node = self._node(inode)
         if not self.tree.attr(node).mode & 0o040000:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        fh = self._next_fh
+        self._next_fh += 1
+        self._listings[fh] = (node, [])
+        return fh
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Entries are ordered by inode, and start_id is "the next inode to list":
-        # stable while entries come and go (no repeats, no skips).
-        entries = sorted(
-            (self._inode(child), name, child) for name, child in self.tree.children(self._node(fh))
-        )
+        # stable while entries come and go (no repeats, no skips).  A listing is
+        # computed when it starts (or restarts: rewinddir) and kept for the
+        # calls that continue it.
+        node, entries = self._listings[fh]
+        if start_id == 0 or not entries:
+            entries[:] = sorted(
+                (self._inode(child), name, child) for name, child in self.tree.children(node)
+            )
         for ino, name, child in entries:
             if ino < start_id:
                 continue
@@ -264,7 +272,7 @@ class VdifsOperations(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh: int) -> None:
-        pass
+        self._listings.pop(fh, None)
 
     # -- files -----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import logging
 import stat
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
@@ -115,6 +115,9 @@ class Tree:
         self._states: OrderedDict[tuple[str, int], DiskState] = OrderedDict()
         self._state_bytes = 0
         self._exports: OrderedDict[tuple[Any, ...], Export] = OrderedDict()
+        # Attributes of files, valid while the records they derive from are equal
+        # (ls -lR: a layout and an info.json are built once per state, not per stat).
+        self._file_attrs: dict[Node, tuple[tuple[VdiRecord, ...], Attr]] = {}
         self.uploads = Uploads(sr, read_only)
         self.refresh(force=True)
 
@@ -139,6 +142,8 @@ class Tree:
             (r.name_label, r.uuid) for r in records.values() if not r.is_a_snapshot
         )
         self.changed_ns = time.time_ns()
+        if changed:
+            self._file_attrs = {n: a for n, a in self._file_attrs.items() if n[1] in records}
         return changed
 
     def record(self, uuid: str) -> VdiRecord:
@@ -161,7 +166,7 @@ class Tree:
         key = (uuid, record.generation)
         state = self._states.get(key)
         if state is None:
-            fresh, block_map = self.sr.snapshot_state(uuid)
+            fresh, block_map = self.sr.snapshot_state(uuid, known=record)
             if fresh.generation != record.generation:
                 # The SR moved on since the last refresh: serve the newer state.
                 key = (uuid, fresh.generation)
@@ -460,18 +465,38 @@ class Tree:
             return Attr(
                 stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, -(-upload.size // 512), 0.0
             )
+        if kind == "info":
+            return self._cached_attr(node, (self.record(node[1]),), self._generated_attr)
         if kind in GENERATED_KINDS:
-            mode = 0o400 if kind == "status" else 0o444
-            return Attr(stat.S_IFREG | mode, len(self.generated(node)), self.changed_ns)
+            return self._generated_attr(node)
+        if kind not in ("raw", "full", "delta"):
+            raise NotFound(str(node))
+        sources = (self.record(node[1]),) + ((self.record(node[2]),) if kind == "delta" else ())
+        return self._cached_attr(node, sources, self._image_attr)
+
+    def _cached_attr(
+        self, node: Node, sources: tuple[VdiRecord, ...], build: Callable[[Node], Attr]
+    ) -> Attr:
+        cached = self._file_attrs.get(node)
+        if cached is not None and cached[0] == sources:
+            return cached[1]
+        attr = build(node)
+        self._file_attrs[node] = (sources, attr)
+        return attr
+
+    def _generated_attr(self, node: Node) -> Attr:
+        mode = 0o400 if node[0] == "status" else 0o444
+        return Attr(stat.S_IFREG | mode, len(self.generated(node)), self.changed_ns)
+
+    def _image_attr(self, node: Node) -> Attr:
+        kind = node[0]
         record = self.record(node[1])
         immutable = self.is_immutable(node)
         if kind == "raw":
             writable = not record.is_a_snapshot and not self.read_only
             mode = 0o600 if writable else 0o400
-        elif kind in ("full", "delta"):
-            mode = 0o400
         else:
-            raise NotFound(str(node))
+            mode = 0o400
         export = self.open_export(node, write=False)
         return Attr(
             stat.S_IFREG | mode,

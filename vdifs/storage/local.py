@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -151,6 +152,14 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
 }
 
 
+# Indexes on columns that ADDED_COLUMNS may have just added.
+_LATE_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS vdis_parent ON vdis(parent)",
+    "CREATE INDEX IF NOT EXISTS vms_parent ON vms(parent)",
+    "CREATE INDEX IF NOT EXISTS vms_snapshot_of ON vms(snapshot_of)",
+)
+
+
 def default_sr_path() -> Path:
     env = os.environ.get("VDIFS_SR")
     if env:
@@ -202,7 +211,7 @@ class VdiRecord:
     def physical_utilisation(self) -> int:
         return self.allocated_chunks * CHUNK_SIZE
 
-    @property
+    @functools.cached_property
     def state_uuid(self) -> uuidlib.UUID:
         """Identity of this VDI's content at this generation (image identity)."""
         return uuidlib.uuid5(_STATE_NAMESPACE, f"{self.uuid}/{self.generation}")
@@ -285,6 +294,8 @@ class LocalSR:
             "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
         )
         self._add_missing_columns()
+        for statement in _LATE_INDEXES:
+            db.execute(statement)
         self.remove_stale_packs()
 
     def _add_missing_columns(self) -> None:
@@ -424,12 +435,24 @@ class LocalSR:
         )
         return BlockMap.from_rows(vdi.virtual_size, iter(rows))
 
-    def snapshot_state(self, uuid: str) -> tuple[VdiRecord, BlockMap]:
-        """A VDI record and its block map, read in one consistent transaction."""
+    def snapshot_state(
+        self, uuid: str, known: VdiRecord | None = None
+    ) -> tuple[VdiRecord, BlockMap]:
+        """A VDI record and its block map, read in one consistent transaction.
+
+        ``known`` is a record the caller holds: if the VDI is still at its
+        generation, it is returned as is (saving the record's queries).
+        """
         db = self.db
         db.execute("BEGIN")
         try:
-            record = self.get_vdi(uuid)
+            record = known
+            if known is not None:
+                row = db.execute("SELECT generation FROM vdis WHERE uuid = ?", (uuid,)).fetchone()
+                if row is None or row[0] != known.generation:
+                    record = None
+            if record is None:
+                record = self.get_vdi(uuid)
             return record, self.block_map(record)
         finally:
             db.execute("COMMIT")
