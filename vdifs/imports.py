@@ -275,7 +275,7 @@ class ImportJob:
             if image_size == 0:
                 raise InvalidArgument(f"{name} is empty: nothing to create a VDI from")
             writer = ChunkWriter(
-                sr, None, replace=True, new_vdi=(self.new_name or name, image_size)
+                sr, None, replace=True, new_vdi=(self.new_name or name, image_size), direct=True
             )
             base_map = None
         else:
@@ -291,7 +291,7 @@ class ImportJob:
                 check_base(sr, record, target_map, parsed, name)
             # A full image replaces the disk; raw and deltas change what they carry.
             replace = parsed is not None and not is_delta
-            writer = ChunkWriter(sr, target, replace=replace)
+            writer = ChunkWriter(sr, target, replace=replace, direct=True)
             writer.expect_generation = record.generation
             base_map = None if replace else target_map
         writer.import_identity = parsed.identity if parsed is not None else None

@@ -26,6 +26,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import secrets
 import sqlite3
@@ -34,6 +35,7 @@ import time
 import uuid as uuidlib
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -816,9 +818,14 @@ class ChunkWriter:
         *,
         replace: bool,
         new_vdi: tuple[str, int] | None = None,
+        direct: bool = False,
     ) -> None:
         self.sr = sr
         self.replace = replace
+        # Bulk imports write packs with O_DIRECT: data goes to the device without
+        # first filling (and later flushing) the page cache, which made writes
+        # and the commit's fsync the slowest part of an import (docs/performance.md).
+        self._direct: _DirectWrites | None = _DirectWrites() if direct else None
         self.new_vdi = new_vdi
         if new_vdi is not None:
             # A new VDI appears only when the commit does: never half-made.
@@ -867,6 +874,8 @@ class ChunkWriter:
             finally:
                 os.unlink(temporary)
             self._packs.append((pack, fd, 0))
+            if self._direct is not None and not self._direct.open(pack, final):
+                self._direct = None  # the file system has no O_DIRECT: write through the cache
             return
 
     def write_chunk(self, chunk: int, data: bytes | bytearray | memoryview) -> None:
@@ -944,12 +953,11 @@ class ChunkWriter:
             while end < len(new) and end - start < IOV_MAX and new[end][0] == new[end - 1][0] + 1:
                 end += 1
             first = new[start][0]
+            pieces = [piece for _id, piece in new[start:end]]
+            offset = (first & 0xFFFFFFFF) * CHUNK_SIZE
             try:
-                os.pwritev(
-                    fds[first >> 32],
-                    [piece for _id, piece in new[start:end]],
-                    (first & 0xFFFFFFFF) * CHUNK_SIZE,
-                )
+                if self._direct is None or not self._direct.write(first >> 32, pieces, offset):
+                    os.pwritev(fds[first >> 32], pieces, offset)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise NoSpace("the SR's file system is full") from None
@@ -972,6 +980,8 @@ class ChunkWriter:
         if self._done:
             raise RuntimeError("writer already finished")
         try:
+            if self._direct is not None:
+                self._direct.flush()
             for _pack, fd, _slots in self._packs:
                 os.fsync(fd)
             now = time.time_ns()
@@ -1069,6 +1079,8 @@ class ChunkWriter:
             self._done = True
 
     def _close_packs(self, *, unlink: bool) -> None:
+        if self._direct is not None:
+            self._direct.close()
         for pack, fd, _slots in self._packs:
             if unlink:
                 with contextlib.suppress(FileNotFoundError):
@@ -1081,6 +1093,83 @@ class ChunkWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+class _DirectWrites:
+    """O_DIRECT writes of new packs, behind the caller, through aligned buffers.
+
+    O_DIRECT needs page-aligned memory; chunks arrive in arbitrary buffers,
+    so a run is copied into one of a few mmap'ed buffers (a memcpy, far
+    cheaper than the page-cache allocation it avoids) and written from
+    there by one background thread, while the caller hashes the next run.
+    A failed write is raised by the next :meth:`write` or by :meth:`flush`.
+    """
+
+    BUFFER_CHUNKS = 64  # 4 MiB per buffer
+    BUFFERS = 3
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+        size = self.BUFFER_CHUNKS * CHUNK_SIZE
+        self._buffers = [mmap.mmap(-1, size) for _ in range(self.BUFFERS)]
+        self._busy: list[Future[None] | None] = [None] * self.BUFFERS
+        self._next = 0
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vdifs-pack-writer")
+
+    def open(self, pack: int, path: Path) -> bool:
+        """A direct descriptor for a new pack; False where the file system has none."""
+        try:
+            self._fds[pack] = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.flush()  # what earlier packs queued must not be lost
+            self.close()
+            return False
+        return True
+
+    def write(self, pack: int, pieces: list[memoryview], offset: int) -> bool:
+        """Queue a run of chunks at ``offset``; False if this pack takes no direct writes."""
+        fd = self._fds.get(pack)
+        if fd is None:
+            return False
+        for start in range(0, len(pieces), self.BUFFER_CHUNKS):
+            slot = self._next
+            self._next = (slot + 1) % self.BUFFERS
+            self._wait(slot)
+            buffer = self._buffers[slot]
+            batch = pieces[start : start + self.BUFFER_CHUNKS]
+            for i, piece in enumerate(batch):
+                buffer[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] = piece
+            self._busy[slot] = self._thread.submit(
+                _write_exactly, fd, buffer, len(batch) * CHUNK_SIZE, offset + start * CHUNK_SIZE
+            )
+        return True
+
+    def _wait(self, slot: int) -> None:
+        busy = self._busy[slot]
+        if busy is not None:
+            self._busy[slot] = None
+            busy.result()
+
+    def flush(self) -> None:
+        """Wait for every queued write; raise the first error."""
+        for slot in range(self.BUFFERS):
+            self._wait(slot)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # aborting: the data is discarded anyway
+            self.flush()
+        self._thread.shutdown()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _write_exactly(fd: int, buffer: mmap.mmap, length: int, offset: int) -> None:
+    with memoryview(buffer) as view:
+        if os.pwrite(fd, view[:length], offset) != length:
+            raise OSError(errno.ENOSPC, "short write to a pack")
 
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
