@@ -397,6 +397,96 @@ def test_a_sequential_vhd_is_applied_as_it_arrives(cli: Cli, mnt: Mount, tmp_pat
     assert staged_bytes(cli.sr) == 0
 
 
+def upload_watching_staging(image: Path, dest: Path, sr: Path) -> int:
+    """Write an image in 1 MiB pieces; the largest staging footprint seen."""
+    staged_peak = 0
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(image, "rb") as f:
+        while data := f.read(MiB):
+            os.write(fd, data)
+            staged_peak = max(staged_peak, staged_bytes(sr))
+    os.close(fd)
+    return staged_peak
+
+
+def test_a_qcow2_with_its_tables_first_is_applied_as_it_arrives(
+    cli: Cli, mnt: Mount, tmp_path: Path
+) -> None:
+    vdi = cli("vdi", "create", "src", "--size", "128M")
+    appear(mnt, vdi)
+    for offset in range(0, 128 * MiB, 4 * MiB):
+        fill(mnt.vdi(vdi) / "raw.img", offset, os.urandom(3 * MiB))
+    s1 = cli("vdi", "snapshot", vdi)
+    fill(mnt.vdi(vdi) / "raw.img", 8 * MiB, bytes(2 * MiB))  # zero clusters in the delta
+    fill(mnt.vdi(vdi) / "raw.img", 50 * MiB + 512, os.urandom(MiB))
+    s2 = cli("vdi", "snapshot", vdi)
+    appear(mnt, s2)
+    full, delta = tmp_path / "full.qcow2", tmp_path / "delta.qcow2"
+    shutil.copyfile(mnt.vdi(s1) / "full.qcow2", full)
+    shutil.copyfile(mnt.vdi(s2) / "delta-from" / f"{s1}.qcow2", delta)
+    target = cli("vdi", "create", "streamed", "--size", "128M")
+    appear(mnt, target)
+    upload = mnt.path / "import" / f"{target}.qcow2"
+    # vdifs writes all qcow2 tables first: the data is never staged whole.
+    assert upload_watching_staging(full, upload, cli.sr) < 16 * MiB
+    assert wait_for(lambda: sha(mnt.vdi(target) / "raw.img") == sha(mnt.vdi(s1) / "raw.img"), 3)
+    assert upload_watching_staging(delta, upload, cli.sr) < 16 * MiB
+    assert wait_for(lambda: sha(mnt.vdi(target) / "raw.img") == sha(mnt.vdi(s2) / "raw.img"), 3)
+    status = json.loads((mnt.path / "import" / ".status" / f"{target}.qcow2.json").read_text())
+    assert status["state"] == "done" and status["bytes_received"] == delta.stat().st_size
+
+    # Cut short: refused at close, nothing applied.
+    before = sha(mnt.vdi(target) / "raw.img")
+    short = tmp_path / "short.qcow2"
+    short.write_bytes(full.read_bytes()[: 40 * MiB])
+    assert copy_in(short, upload) == errno.EINVAL
+    status = json.loads((mnt.path / "import" / ".status" / f"{target}.qcow2.json").read_text())
+    assert "before all its data had arrived" in status["error"]
+    # Going back once data is applied cannot be honoured: EINVAL, nothing applied.
+    fd = os.open(upload, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.write(fd, full.read_bytes()[: 40 * MiB])
+    with pytest.raises(OSError) as exc:
+        os.pwrite(fd, b"\0" * 512, 0)
+        os.fsync(fd)
+    assert exc.value.errno == errno.EINVAL
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    assert sha(mnt.vdi(target) / "raw.img") == before
+    assert staged_bytes(cli.sr) == 0
+
+
+def test_a_qemu_img_qcow2_and_overlay_stream_through_the_mount(
+    cli: Cli, mnt: Mount, tmp_path: Path
+) -> None:
+    """qemu-img puts L2 tables between the data: the head is staged until they have come."""
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(24 * MiB)
+        for offset in (0, 5 * MiB + 4096, 17 * MiB - 512):
+            f.seek(offset)
+            f.write(os.urandom(700_000))
+    target = cli("vdi", "create", "overlay", "--size", "24M")
+    appear(mnt, target)
+    # Named as the upload will be: a foreign overlay names its base by file name.
+    base = tmp_path / f"{target}.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(base))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0xab 1M 100k", "-c", "write -z 0 64k", str(top)],
+        check=True,
+        capture_output=True,
+    )
+    flat = tmp_path / "flat.raw"
+    qemu_img("convert", "-O", "raw", str(top), str(flat))
+    assert copy_in(base, mnt.path / "import" / base.name) == 0
+    assert wait_for(lambda: sha(mnt.vdi(target) / "raw.img") == sha(raw), 3)
+    result = copy_in(top, mnt.path / "import" / base.name)
+    status = json.loads((mnt.path / "import" / ".status" / f"{base.name}.json").read_text())
+    assert result == 0, status["error"]
+    assert wait_for(lambda: sha(mnt.vdi(target) / "raw.img") == sha(flat), 3)
+
+
 def test_sizes_are_fresh_right_after_an_import(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
     target = cli("vdi", "create", "fresh", "--size", "8M")
     appear(mnt, target)

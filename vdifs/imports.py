@@ -381,26 +381,31 @@ def run_import(
 def _apply_writes(
     parsed: ParsedImage, read_at: ReadAt, applier: Applier, progress: Callable[[int], None] | None
 ) -> None:
-    limit = parsed.virtual_size
     for write in parsed.writes():
-        if write.virtual_offset < 0 or write.virtual_offset + write.length > limit:
-            raise MalformedImage("the image writes outside its virtual size")
-        if write.file_offset is None:
-            for pos in range(0, write.length, READ_PIECE):
-                applier.write(
-                    write.virtual_offset + pos, bytes(min(READ_PIECE, write.length - pos))
-                )
-        elif getattr(write, "compressed_length", 0):
-            applier.write(write.virtual_offset, _inflate(read_at, write))
-        else:
-            for pos in range(0, write.length, READ_PIECE):
-                n = min(READ_PIECE, write.length - pos)
-                data = read_at(write.file_offset + pos, n)
-                if len(data) != n:
-                    raise MalformedImage("the image ended inside a data block")
-                applier.write(write.virtual_offset + pos, data)
+        apply_write(applier, write, read_at, parsed.virtual_size)
         if progress and write.file_offset is not None:
             progress(write.file_offset + write.length)
+
+
+def apply_write(
+    applier: Applier, write: ImageWrite, read_at: ReadAt, limit: int, length: int | None = None
+) -> None:
+    """Apply one write of a parsed image; only its first ``length`` bytes, if given."""
+    if write.virtual_offset < 0 or write.virtual_offset + write.length > limit:
+        raise MalformedImage("the image writes outside its virtual size")
+    length = write.length if length is None else length
+    if write.file_offset is None:
+        for pos in range(0, length, READ_PIECE):
+            applier.write(write.virtual_offset + pos, bytes(min(READ_PIECE, length - pos)))
+    elif getattr(write, "compressed_length", 0):
+        applier.write(write.virtual_offset, _inflate(read_at, write))
+    else:
+        for pos in range(0, length, READ_PIECE):
+            n = min(READ_PIECE, length - pos)
+            data = read_at(write.file_offset + pos, n)
+            if len(data) != n:
+                raise MalformedImage("the image ended inside a data block")
+            applier.write(write.virtual_offset + pos, data)
 
 
 # -- the status record ------------------------------------------------------------

@@ -1,20 +1,28 @@
-"""A dynamic or differencing VHD applied while it is being written.
+"""Images applied while they are being written into ``import/``.
 
-``cp backup.vhd import/<uuid>.vhd`` writes front to back.  Once the footer
-copy, header and BAT have arrived, the image is validated as a file of the
-smallest size that can hold its blocks, the import is prepared (sizes, the
-delta's base), and from then on each block is applied to the writer as soon
-as its last byte arrives.  Blocks that arrived before the first was applied
-are punched out of the staging file; later ones never reach it (only the
-footer does), so the upload never sits whole on disk and memory holds at
-most one block.
-``close()`` only checks the end (the footer must repeat the copy at offset
-0, every block must have arrived) and commits.
+``cp backup.vhd import/<uuid>.vhd`` writes front to back.  Once an image's
+metadata has arrived, it is validated against a presumed file size (the
+smallest, or largest, the metadata allows), the import is prepared (sizes,
+the delta's base), and from then on data is applied as it arrives:
 
-Anything else (a fixed VHD, metadata far from the start, a write behind the
-stream before any block was applied) falls back to staging the whole upload
-and parsing it at close.  A write behind the stream *after* blocks were
-applied cannot be honoured and fails the upload with EINVAL.
+- a dynamic or differencing VHD block by block (:class:`VhdStream`: a
+  block's sector bitmap precedes its data, so a block is held in memory
+  until its last byte arrives).  Blocks that arrived before the first was
+  applied are punched out of the staging file; later ones never reach it
+  (only the footer does).
+- a qcow2 whose L1 and L2 tables come first (vdifs' own exports, qemu-img
+  measure/dd of a preallocated layout, and any image whose tables end within
+  :data:`~vdifs.formats.qcow2_parse.MAX_STREAM_HEAD`), run by run
+  (:class:`Qcow2Stream`).  Its head is staged; data past it never is.
+
+So the upload never sits whole on disk, memory holds at most one VHD block,
+and ``close()`` only checks the end and commits.
+
+Anything else (a fixed VHD, metadata far from the start, compressed qcow2
+clusters, a write behind the stream before anything was applied) falls back
+to staging the whole upload and parsing it at close.  A write behind the
+stream *after* data was applied cannot be honoured and fails the upload
+with EINVAL.
 """
 
 from __future__ import annotations
@@ -27,15 +35,14 @@ from collections.abc import Callable, Iterator
 
 from vdifs.errors import MalformedImage, VdifsError
 from vdifs.formats import c_vhd
-from vdifs.formats.vhd_parse import (
-    BlockSpan,
-    NotStreamable,
-    ParsedImage,
-    metadata_length,
-    parse_vhd,
-    streamed_size,
-)
-from vdifs.imports import ImportJob, ImportResult
+from vdifs.formats.base import NotStreamable
+from vdifs.formats.qcow2_parse import Write as Qcow2Write
+from vdifs.formats.qcow2_parse import metadata_length as qcow2_metadata_length
+from vdifs.formats.qcow2_parse import parse_qcow2
+from vdifs.formats.qcow2_parse import streamed_size as qcow2_streamed_size
+from vdifs.formats.vhd_parse import BlockSpan, ParsedImage, parse_vhd, streamed_size
+from vdifs.formats.vhd_parse import metadata_length as vhd_metadata_length
+from vdifs.imports import ImportJob, ImportResult, apply_write
 
 log = logging.getLogger(__name__)
 
@@ -61,45 +68,49 @@ class _Head(Exception):
     """The presumed-size parse asked for bytes the head does not hold."""
 
 
-class VhdStream:
-    """Feeds a sequentially written VHD into an :class:`ImportJob`."""
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+class ImageStream:
+    """Feeds a sequentially written image into an :class:`ImportJob` (shared machinery).
+
+    States: ``head`` (metadata arriving) -> ``streaming`` -> finished by
+    :meth:`finish`; or ``off`` (staged whole, parsed at close); or ``failed``.
+    """
 
     def __init__(self, make_job: Callable[[], ImportJob], staging_fd: int) -> None:
         self.make_job = make_job
         self.staging_fd = staging_fd
-        self.state = "head"  # head -> streaming -> (finish); or off; or failed
+        self.state = "head"
         self.error: VdifsError | None = None
         self.pos = 0  # every byte below this has arrived (or was skipped over: zeros)
-        self.head = bytearray()
-        self.head_needed = c_vhd.FOOTER_SIZE
         self.job: ImportJob | None = None
-        self.parsed: ParsedImage | None = None
-        self.presumed_size = 0
-        self._spans: Iterator[BlockSpan] = iter(())
-        self.span: BlockSpan | None = None
-        self.block = bytearray()
-        self.applied_any = False
+        self.applied_any = False  # past this, falling back to staging is impossible
         self.staged_end = 0  # staged bytes lie below this offset
 
     @property
     def active(self) -> bool:
         return self.state in ("head", "streaming")
 
-    # -- feeding -------------------------------------------------------------------
+    # -- what each format defines ----------------------------------------------------
 
     def wants_staged(self, offset: int, length: int) -> bool:
-        """Whether these bytes must reach the staging file.
+        """Whether these bytes must reach the staging file (asked before :meth:`feed`)."""
+        raise NotImplementedError
 
-        Once a block has been applied the upload can no longer fall back to
-        staging, so block bytes are only needed in memory: staging them
-        would cost a copy and a punch.  The footer (at the end) is staged.
-        """
-        if (
-            self.state == "streaming"
-            and self.applied_any
-            and offset + length <= self.presumed_size - c_vhd.FOOTER_SIZE
-        ):
-            return False
+    def _take_head(self, view: memoryview) -> memoryview:
+        raise NotImplementedError
+
+    def _take_body(self, view: memoryview) -> memoryview:
+        raise NotImplementedError
+
+    def _check_end(self, size: int, read_at: Callable[[int, int], bytes]) -> None:
+        """At close: refuse an image whose end does not match what streamed."""
+        raise NotImplementedError
+
+    # -- feeding -------------------------------------------------------------------
+
+    def _stage(self, offset: int, length: int) -> bool:
         self.staged_end = max(self.staged_end, offset + length)
         return True
 
@@ -114,10 +125,10 @@ class VhdStream:
             self._behind(offset)
             return
         try:
-            if offset > self.pos:
+            while self.pos < offset and self.active:
                 # Skipped bytes are zeros (rsync --inplace writes only what differs).
-                self._take(bytes(offset - self.pos))
-            self._take(data)
+                self._take(_ZEROS[: min(len(_ZEROS), offset - self.pos)])
+            self._take(memoryview(data))
         except VdifsError as exc:
             self._fail(exc)
             raise
@@ -126,24 +137,94 @@ class VhdStream:
         if self.applied_any:
             self._fail(
                 MalformedImage(
-                    f"the upload went back to byte {offset} after blocks past it were applied:"
-                    " write VHD images front to back (cp, dd, rsync), or use vdifs import"
+                    f"the upload went back to byte {offset} after data past it was applied:"
+                    " write images front to back (cp, dd, rsync), or use vdifs import"
                 )
             )
             assert self.error is not None
             raise self.error
         self._stop_streaming("a write went back in the file")
 
-    def _take(self, data: bytes) -> None:
-        view = memoryview(data)
+    def _take(self, view: memoryview) -> None:
         while len(view):
             if self.state == "head":
                 view = self._take_head(view)
             elif self.state == "streaming":
-                view = self._take_blocks(view)
+                view = self._take_body(view)
             else:
                 self.pos += len(view)
                 return
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def _stop_streaming(self, why: str) -> None:
+        log.debug("upload staged whole: %s", why)
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
+        self.state = "off"
+        self._release()
+
+    def _release(self) -> None:
+        """Drop what the stream holds in memory."""
+
+    def _fail(self, exc: VdifsError) -> None:
+        self.state = "failed"
+        self.error = exc
+        self._release()
+        job = self.job if self.job is not None else self.make_job()
+        job.fail(exc, received=self.pos)
+
+    def truncated_to(self, size: int) -> None:
+        """The upload was truncated: below the stream, that is a step back."""
+        if self.active and size < self.pos:
+            self._behind(size)
+
+    def finish(self, size: int, read_at: Callable[[int, int], bytes]) -> ImportResult:
+        """At close: check the end of the file and commit."""
+        if self.state == "failed":
+            assert self.error is not None
+            raise self.error
+        assert self.state == "streaming" and self.job is not None
+        try:
+            self._check_end(size, read_at)
+            return self.job.commit(received=size)
+        except BaseException as exc:
+            self.job.fail(exc, received=size)
+            self.state = "failed"
+            self.error = exc if isinstance(exc, VdifsError) else None
+            raise
+
+    def close(self) -> None:
+        """The upload went away without finishing: drop what was staged."""
+        if self.job is not None and not self.job.finished:
+            self.job.cancel()
+
+
+class VhdStream(ImageStream):
+    """A dynamic or differencing VHD, block by block."""
+
+    def __init__(self, make_job: Callable[[], ImportJob], staging_fd: int) -> None:
+        super().__init__(make_job, staging_fd)
+        self.head = bytearray()
+        self.head_needed = c_vhd.FOOTER_SIZE
+        self.parsed: ParsedImage | None = None
+        self.presumed_size = 0
+        self._spans: Iterator[BlockSpan] = iter(())
+        self.span: BlockSpan | None = None
+        self.block = bytearray()
+
+    def wants_staged(self, offset: int, length: int) -> bool:
+        """Block bytes are only needed in memory once blocks have started to apply
+        (staging them would cost a copy and a punch); the footer is staged.
+        """
+        if (
+            self.state == "streaming"
+            and self.applied_any
+            and offset + length <= self.presumed_size - c_vhd.FOOTER_SIZE
+        ):
+            return False
+        return self._stage(offset, length)
 
     def _take_head(self, view: memoryview) -> memoryview:
         take = max(0, self.head_needed - len(self.head))
@@ -153,7 +234,7 @@ class VhdStream:
         if len(self.head) < self.head_needed:
             return rest
         try:
-            needed = metadata_length(self.head)
+            needed = vhd_metadata_length(self.head)
         except NotStreamable as exc:
             self._stop_streaming(str(exc))
             self.pos += len(rest)
@@ -202,7 +283,7 @@ class VhdStream:
         if span is not None:
             self.block = bytearray(span.end - span.bitmap_offset)
 
-    def _take_blocks(self, view: memoryview) -> memoryview:
+    def _take_body(self, view: memoryview) -> memoryview:
         span = self.span
         if span is None or self.pos + len(view) <= span.bitmap_offset:
             self.pos += len(view)  # padding, or what follows the last block (the footer)
@@ -231,54 +312,120 @@ class VhdStream:
             punch_hole(self.staging_fd, span.bitmap_offset, span.end - span.bitmap_offset)
         self.applied_any = True
 
-    # -- outcomes ----------------------------------------------------------------------
-
-    def _stop_streaming(self, why: str) -> None:
-        log.debug("VHD upload staged whole: %s", why)
-        if self.job is not None:
-            self.job.cancel()
-            self.job = None
-        self.state = "off"
-        self.head = bytearray()
+    def _release(self) -> None:
         self.block = bytearray()
+        if self.state != "streaming":
+            self.head = bytearray()
 
-    def _fail(self, exc: VdifsError) -> None:
-        self.state = "failed"
-        self.error = exc
-        self.block = bytearray()
-        job = self.job if self.job is not None else self.make_job()
-        job.fail(exc, received=self.pos)
+    def _check_end(self, size: int, read_at: Callable[[int, int], bytes]) -> None:
+        if self.span is not None or size < self.presumed_size or size % c_vhd.SECTOR_SIZE:
+            raise MalformedImage(f"the VHD ended at byte {size} before all its blocks had arrived")
+        footer = read_at(size - c_vhd.FOOTER_SIZE, c_vhd.FOOTER_SIZE)
+        if footer != bytes(self.head[: c_vhd.FOOTER_SIZE]):
+            raise MalformedImage("the footer at the end differs from the copy at offset 0")
 
-    def truncated_to(self, size: int) -> None:
-        """The upload was truncated: below the stream, that is a step back."""
-        if self.active and size < self.pos:
-            self._behind(size)
 
-    def finish(self, size: int, read_at: Callable[[int, int], bytes]) -> ImportResult:
-        """At close: check the end of the file and commit."""
-        if self.state == "failed":
-            assert self.error is not None
-            raise self.error
-        assert self.state == "streaming" and self.job is not None
+class Qcow2Stream(ImageStream):
+    """A qcow2 whose tables lead the file, run of clusters by run of clusters.
+
+    The head (header, L1 and L2 tables) is staged and parsed from the staging
+    file; once streaming, nothing more is staged: each write's bytes go to the
+    import as they arrive, so there is nothing to fall back to and a step
+    back fails the upload.
+    """
+
+    def __init__(self, make_job: Callable[[], ImportJob], staging_fd: int) -> None:
+        super().__init__(make_job, staging_fd)
+        self.head_needed = 0
+        self.virtual_size = 0
+        self._writes: Iterator[Qcow2Write] = iter(())
+        self.write: Qcow2Write | None = None
+
+    def wants_staged(self, offset: int, length: int) -> bool:
+        return self.state != "streaming" and self._stage(offset, length)
+
+    def _read_staged(self, offset: int, length: int) -> bytes:
+        if offset + length > self.pos:
+            raise _Head
+        return os.pread(self.staging_fd, length, offset)
+
+    def _take_head(self, view: memoryview) -> memoryview:
+        self.pos += len(view)  # already staged: wants_staged said so
+        if self.pos < self.head_needed:
+            return view[len(view) :]
         try:
-            if self.span is not None or size < self.presumed_size or size % c_vhd.SECTOR_SIZE:
-                raise MalformedImage(
-                    f"the VHD ended at byte {size} before all its blocks had arrived"
-                )
-            footer = read_at(size - c_vhd.FOOTER_SIZE, c_vhd.FOOTER_SIZE)
-            if footer != bytes(self.head[: c_vhd.FOOTER_SIZE]):
-                raise MalformedImage("the footer at the end differs from the copy at offset 0")
-            return self.job.commit(received=size)
-        except BaseException as exc:
-            self.job.fail(exc, received=size)
-            self.state = "failed"
-            self.error = exc if isinstance(exc, VdifsError) else None
-            raise
+            needed = qcow2_metadata_length(self._read_staged, self.pos)
+        except NotStreamable as exc:
+            self._stop_streaming(str(exc))
+            return view[len(view) :]
+        if needed > self.pos:
+            self.head_needed = needed
+        else:
+            self._start()
+        return view[len(view) :]
 
-    def close(self) -> None:
-        """The upload went away without finishing: drop what was staged."""
-        if self.job is not None and not self.job.finished:
-            self.job.cancel()
+    def _start(self) -> None:
+        try:
+            presumed = qcow2_streamed_size(self._read_staged, self.pos)
+            parsed = parse_qcow2(self._read_staged, presumed)
+        except (_Head, VdifsError) as exc:
+            # Nothing is applied yet: the whole-file parse at close gives the verdict.
+            self._stop_streaming(f"the head does not parse on its own: {exc}")
+            return
+        if parsed.compressed:
+            self._stop_streaming("compressed clusters end where the file does")
+            return
+        job = self.make_job()
+        self.job = job
+        job.prepare(parsed, parsed.virtual_size)
+        self.virtual_size = parsed.virtual_size
+        self.state = "streaming"
+        self.applied_any = True
+        self._writes = parsed.writes()
+        self._next_write()
+
+    def _next_write(self) -> None:
+        """Move to the next write, applying zero runs and bytes already staged."""
+        assert self.job is not None
+        applier = self.job.applier
+        while (write := next(self._writes, None)) is not None:
+            if write.file_offset is not None and write.file_offset + write.length > self.pos:
+                self.write = write
+                if write.file_offset < self.pos:  # it began inside the staged head
+                    self._apply(write, self.pos - write.file_offset)
+                return
+            apply_write(applier, write, self._read_staged, self.virtual_size)
+        self.write = None
+
+    def _apply(self, write: Qcow2Write, length: int) -> None:
+        assert self.job is not None
+        apply_write(self.job.applier, write, self._read_staged, self.virtual_size, length)
+
+    def _take_body(self, view: memoryview) -> memoryview:
+        write = self.write
+        if write is None or self.pos + len(view) <= (write.file_offset or 0):
+            self.pos += len(view)  # between runs, or after the last one
+            return view[len(view) :]
+        assert write.file_offset is not None and self.job is not None
+        if self.pos < write.file_offset:
+            skip = write.file_offset - self.pos
+            self.pos += skip
+            view = view[skip:]
+        start = self.pos - write.file_offset
+        take = min(len(view), write.length - start)
+        if write.virtual_offset + write.length > self.virtual_size:
+            raise MalformedImage("the image writes outside its virtual size")
+        self.job.applier.write(write.virtual_offset + start, view[:take])
+        self.pos += take
+        if start + take == write.length:
+            self._next_write()
+        return view[take:]
+
+    def _check_end(self, size: int, read_at: Callable[[int, int], bytes]) -> None:
+        if self.write is not None:
+            raise MalformedImage(
+                f"the qcow2 image ended at byte {size} before all its data had arrived"
+            )
 
 
 def staging_reader(fd: int) -> Callable[[int, int], bytes]:

@@ -37,13 +37,14 @@ from vdifs.imports import (
     run_import,
 )
 from vdifs.storage.local import LocalSR, check_name
-from vdifs.streaming import VhdStream
+from vdifs.streaming import ImageStream, Qcow2Stream, VhdStream
 
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_SIZE = 64 << 40  # the SR's largest disk plus any image's metadata
 SETTLED_SECONDS = 60.0  # an applied upload stays listed this long (rsync stats it after close)
 PF_EXITING = 0x4  # linux/sched.h: the task is exiting
+STREAMS: dict[str, type[ImageStream]] = {"vhd": VhdStream, "qcow2": Qcow2Stream}
 
 
 def target_lock(sr: LocalSR, key: str) -> int:
@@ -138,25 +139,25 @@ class Upload:
     mtime_ns: int = field(default_factory=time.time_ns)
     settled_ns: int | None = None  # applied and its data dropped
     failed: bool = False  # refused or failed: nothing to keep a stub for
-    stream: VhdStream | None = None  # a VHD applied as it arrives
+    stream: ImageStream | None = None  # an image applied as it arrives
 
     def start_stream(self) -> None:
-        """Apply a validly named VHD while it arrives (see vdifs.streaming)."""
+        """Apply a validly named VHD or qcow2 while it arrives (see vdifs.streaming)."""
         request = self.request
         self.stream = None
-        if request is None or request.fmt != "vhd":
+        if request is None or request.fmt not in STREAMS:
             return
 
         def make_job() -> ImportJob:
             return ImportJob(
                 self.sr,
                 name=self.name,
-                fmt="vhd",
+                fmt=request.fmt,
                 target=request.target,
                 new_name=request.new_name,
             )
 
-        self.stream = VhdStream(make_job, self.fd)
+        self.stream = STREAMS[request.fmt](make_job, self.fd)
 
     def accept(self, offset: int, length: int) -> None:
         """Account for a write about to be stored (on the event loop, in arrival order)."""

@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from vdifs.errors import MalformedImage, TooLarge, Unsupported
+from vdifs.errors import MalformedImage, TooLarge, Unsupported, VdifsError
 from vdifs.formats import c_qcow2
-from vdifs.formats.base import SECTOR_SIZE
+from vdifs.formats.base import SECTOR_SIZE, NotStreamable
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -48,6 +48,10 @@ SCAN_WINDOW_CLUSTERS = 1 << 22
 """Host clusters sorted per pass of :meth:`ParsedQcow2.writes` (a 32 MiB slot
 array).  Files larger than this (256 GiB at 64 KiB clusters) take more passes
 over the L2 tables instead of more memory."""
+
+MAX_STREAM_HEAD = 1 << 30
+"""Metadata a streaming importer stages before it applies data (on disk, not
+in memory): the L2 tables of a 4 TiB disk fully allocated at 64 KiB clusters."""
 
 _NATIVE_IS_BIG_ENDIAN = sys.byteorder == "big"
 
@@ -87,6 +91,8 @@ class ParsedQcow2:
     """The base's uuid from the vdifs identity extension of a delta, if present."""
     parent_name: str | None
     """The backing file name, for messages only: nobody opens it."""
+    compressed: bool
+    """Some clusters are compressed (their length is only bounded by the file's end)."""
     _clusters: _ClusterMap = field(repr=False, compare=False)
 
     def writes(self) -> Iterator[Write]:
@@ -101,8 +107,9 @@ def parse_qcow2(read_at: ReadAt, file_size: int) -> ParsedQcow2:
     header.check_features(extensions.feature_names)
     parent_name = header.backing_file_name(read_at, file_size)
     clusters = _ClusterMap.build(read_at, file_size, header)
-    for _write in clusters.scan():
-        pass  # every L2 entry is checked before the caller applies anything
+    compressed = False
+    for write in clusters.scan():  # every L2 entry is checked before anything is applied
+        compressed = compressed or write.compressed_length > 0
     is_delta = parent_name is not None
     return ParsedQcow2(
         virtual_size=header.virtual_size,
@@ -110,8 +117,56 @@ def parse_qcow2(read_at: ReadAt, file_size: int) -> ParsedQcow2:
         identity=extensions.identity,
         parent_identity=extensions.parent_identity if is_delta else None,
         parent_name=parent_name,
+        compressed=compressed,
         _clusters=clusters,
     )
+
+
+def metadata_length(read_at: ReadAt, available: int) -> int:
+    """Bytes from offset 0 that hold the header, the L1 and every L2 table.
+
+    A streaming importer calls this as the file's first ``available`` bytes
+    arrive; while the answer exceeds ``available`` it needs more.  Raises
+    :class:`NotStreamable` for a damaged head (the whole-file parse gives the
+    precise verdict) or tables beyond :data:`MAX_STREAM_HEAD` (metadata at the
+    end of the file).
+    """
+    if available < c_qcow2.HEADER_V3_MIN_LENGTH:
+        return c_qcow2.HEADER_V3_MIN_LENGTH
+    try:
+        cluster_bits = c_qcow2.HEADER_V2.unpack(read_at(0, c_qcow2.HEADER_V2.size))[4]
+        if not c_qcow2.MIN_CLUSTER_BITS <= cluster_bits <= c_qcow2.MAX_CLUSTER_BITS:
+            raise MalformedImage(f"cluster_bits {cluster_bits} is out of range")
+        if available < 1 << cluster_bits:
+            return 1 << cluster_bits
+        header = _Header.read(read_at, available)
+        l2_entries = header.cluster_size // c_qcow2.TABLE_ENTRY.size
+        virtual_clusters = -(-header.virtual_size // header.cluster_size)
+        l1_entries = min(-(-virtual_clusters // l2_entries), header.l1_size)
+        need = header.l1_table_offset + l1_entries * c_qcow2.TABLE_ENTRY.size
+        if need > MAX_STREAM_HEAD:
+            raise NotStreamable("the L1 table is not near the start")
+        if available < need:
+            return need
+        l1 = _entries(read_at(header.l1_table_offset, l1_entries * c_qcow2.TABLE_ENTRY.size))
+    except VdifsError as exc:
+        raise NotStreamable(str(exc)) from None
+    l2_end = max((entry & c_qcow2.L1_OFFSET_MASK for entry in l1), default=0)
+    need = max(need, l2_end + header.cluster_size if l2_end else 0)
+    if need > MAX_STREAM_HEAD:
+        raise NotStreamable("the L2 tables are not near the start")
+    return need
+
+
+def streamed_size(read_at: ReadAt, head_length: int) -> int:
+    """A file size no valid image with this metadata head exceeds.
+
+    The head is parsed with it before the end has arrived: every data cluster
+    lies within it, and the importer checks at the end that each one arrived.
+    """
+    header = _Header.read(read_at, head_length)
+    clusters = -(-header.virtual_size // header.cluster_size)
+    return (-(-head_length // header.cluster_size) + clusters) * header.cluster_size
 
 
 def inflate_cluster(data: bytes, length: int) -> bytes:

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from vdifs.errors import MalformedImage, TooLarge, Unsupported, VdifsError
 from vdifs.formats import c_vhd
+from vdifs.formats.base import NotStreamable
 
 SECTOR_SIZE = c_vhd.SECTOR_SIZE
 
@@ -381,10 +382,6 @@ def _read_exactly(read_at: ReadAt, offset: int, length: int) -> bytes:
     if len(data) != length:
         raise MalformedImage(f"VHD truncated: {len(data)} of {length} bytes at {offset}")
     return data
-
-
-class NotStreamable(Exception):
-    """The image's metadata does not lead the file: parse it whole once it is complete."""
 
 
 def metadata_length(head: bytes | bytearray) -> int:

@@ -1,0 +1,162 @@
+"""Images applied as they arrive give exactly what a whole-file import gives.
+
+In-process (no FUSE): an upload is fed the way the mount feeds it, in pieces
+of any size, and compared with ``run_import`` of the same bytes.  Hostile
+variants (truncated, bytes changed) must be refused by both or applied
+identically by both; a refusal leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import FUZZ_DERANDOMIZE, FUZZ_EXAMPLES, needs_tool
+from vdifs.errors import VdifsError
+from vdifs.exports import DiskState, Export
+from vdifs.imports import run_import
+from vdifs.storage.local import LocalSR
+from vdifs.uploads import Uploads
+
+pytestmark = needs_tool("qemu-img")
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def sr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSR]:
+    sr = LocalSR(tmp_path_factory.mktemp("streaming") / "sr")
+    yield sr
+    sr.close()
+
+
+@pytest.fixture(scope="module")
+def seeds(sr: LocalSR, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, bytes]]:
+    """vdifs' own VHD and qcow2 (tables first) and qemu-img's (tables between the data)."""
+    tmp = tmp_path_factory.mktemp("seeds")
+    rng = random.Random(7)
+    raw = bytearray(3 * MiB + 512)
+    for _ in range(12):
+        at = rng.randrange(len(raw) - 70_000)
+        raw[at : at + 70_000] = rng.randbytes(70_000)
+    (tmp / "disk.raw").write_bytes(raw)
+    with open(tmp / "disk.raw", "rb") as f:
+        source = run_import(
+            sr,
+            name="disk.raw",
+            fmt="raw",
+            read_at=lambda o, n: os.pread(f.fileno(), n, o),
+            size=len(raw),
+            target=None,
+            new_name="source",
+        ).target
+    state = DiskState(*sr.snapshot_state(source))
+    out = {}
+    for fmt in ("vhd", "qcow2"):
+        export = Export(sr, state, fmt)
+        out[f"vdifs.{fmt}"] = (fmt, bytes(export.read(0, export.size)))
+    for name, fmt, options in [
+        ("qemu.qcow2", "qcow2", ["-O", "qcow2"]),
+        ("qemu-v2.qcow2", "qcow2", ["-O", "qcow2", "-o", "compat=0.10"]),
+        ("qemu.vhd", "vhd", ["-O", "vpc", "-o", "force_size=on"]),
+    ]:
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", *options, tmp / "disk.raw", tmp / name],
+            check=True,
+        )
+        out[name] = (fmt, (tmp / name).read_bytes())
+    return out
+
+
+def disk_bytes(sr: LocalSR, uuid: str) -> bytes:
+    state = DiskState(*sr.snapshot_state(uuid))
+    export = Export(sr, state, "raw")
+    return bytes(export.read(0, export.size))
+
+
+def whole(sr: LocalSR, fmt: str, image: bytes) -> bytes | None:
+    try:
+        result = run_import(
+            sr,
+            name=f"whole.{fmt}",
+            fmt=fmt,
+            read_at=lambda o, n: image[o : o + n],
+            size=len(image),
+            target=None,
+            new_name="whole",
+        )
+    except VdifsError:
+        return None
+    return disk_bytes(sr, result.target)
+
+
+def streamed(sr: LocalSR, fmt: str, image: bytes, pieces: list[int]) -> bytes | None:
+    """Feed an upload as the mount does (accept, then store) and close it."""
+    upload = Uploads(sr).create(f"streamed.{fmt}", os.getpid())
+    try:
+        offset, turn = 0, 0
+        while offset < len(image):
+            piece = image[offset : offset + pieces[turn % len(pieces)]]
+            upload.accept(offset, len(piece))
+            upload.store(offset, piece)
+            offset, turn = offset + len(piece), turn + 1
+        result = upload.apply()
+    except VdifsError as exc:
+        upload.abandon(exc)
+        return None
+    finally:
+        upload.discard()
+    return disk_bytes(sr, result.target)
+
+
+def test_uploads_stream_and_match_whole_imports(
+    sr: LocalSR, seeds: dict[str, tuple[str, bytes]]
+) -> None:
+    for name, (fmt, image) in seeds.items():
+        expected = whole(sr, fmt, image)
+        assert expected is not None, name
+        upload = Uploads(sr).create(f"probe.{fmt}", os.getpid())
+        for offset in range(0, len(image), MiB):
+            upload.accept(offset, len(image[offset : offset + MiB]))
+            upload.store(offset, image[offset : offset + MiB])
+        assert upload.stream is not None and upload.stream.state == "streaming", name
+        upload.stream.close()
+        upload.discard()
+        for pieces in ([MiB], [4096, 70_000, 1], [len(image)]):
+            assert streamed(sr, fmt, image, pieces) == expected, (name, pieces)
+
+
+@settings(
+    max_examples=max(FUZZ_EXAMPLES // 10, 20),  # each example imports twice
+    deadline=None,
+    derandomize=FUZZ_DERANDOMIZE,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_hostile_uploads_stream_like_whole_imports(
+    sr: LocalSR, seeds: dict[str, tuple[str, bytes]], data: st.DataObject
+) -> None:
+    fmt, seed = seeds[data.draw(st.sampled_from(sorted(seeds)))]
+    image = bytearray(seed)
+    for _ in range(data.draw(st.integers(1, 3))):
+        kind = data.draw(st.sampled_from(["truncate", "byte", "word"]))
+        if kind == "truncate":
+            image = image[: data.draw(st.integers(0, len(image)))]
+        elif image:
+            at = data.draw(st.integers(0, min(len(image), 256 * 1024) - 1))
+            if kind == "byte":
+                image[at] = data.draw(st.integers(0, 255))
+            else:
+                image[at : at + 8] = data.draw(st.binary(min_size=8, max_size=8))
+    pieces = data.draw(st.lists(st.integers(1, 3 * MiB), min_size=1, max_size=4))
+    files_before = sorted(p.name for p in (sr.path / "packs").iterdir())
+    expected = whole(sr, fmt, bytes(image))
+    assert streamed(sr, fmt, bytes(image), pieces) == expected
+    if expected is None:  # refused by both: no pack left behind
+        assert sorted(p.name for p in (sr.path / "packs").iterdir()) == files_before
