@@ -5,18 +5,18 @@ metadata has arrived, it is validated against a presumed file size (the
 smallest, or largest, the metadata allows), the import is prepared (sizes,
 the delta's base), and from then on data is applied as it arrives:
 
-- a dynamic or differencing VHD block by block (:class:`VhdStream`: a
-  block's sector bitmap precedes its data, so a block is held in memory
-  until its last byte arrives).  Blocks that arrived before the first was
-  applied are punched out of the staging file; later ones never reach it
-  (only the footer does).
-- a qcow2 whose L1 and L2 tables come first (vdifs' own exports, qemu-img
-  measure/dd of a preallocated layout, and any image whose tables end within
-  :data:`~vdifs.formats.qcow2_parse.MAX_STREAM_HEAD`), run by run
-  (:class:`Qcow2Stream`).  Its head is staged; data past it never is.
+- a dynamic or differencing VHD (:class:`VhdStream`): a block's sector
+  bitmap precedes its data, so once the bitmap is in, the block's runs of
+  present sectors are applied straight from the writes.  What arrived
+  before the first run was applied is punched out of the staging file;
+  later block bytes never reach it (only the footer does).
+- a qcow2 whose L1 and L2 tables come first (vdifs' own exports, and any
+  image whose tables end within
+  :data:`~vdifs.formats.qcow2_parse.MAX_STREAM_HEAD`, such as qemu-img's),
+  run by run (:class:`Qcow2Stream`).  Its head is staged; data past it never is.
 
-So the upload never sits whole on disk, memory holds at most one VHD block,
-and ``close()`` only checks the end and commits.
+So the upload never sits whole on disk, memory holds at most a VHD block's
+bitmap, and ``close()`` only checks the end and commits.
 
 Anything else (a fixed VHD, metadata far from the start, compressed qcow2
 clusters, a write behind the stream before anything was applied) falls back
@@ -32,6 +32,7 @@ import ctypes.util
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol
 
 from vdifs.errors import MalformedImage, VdifsError
 from vdifs.formats import c_vhd
@@ -41,12 +42,11 @@ from vdifs.formats.qcow2_parse import metadata_length as qcow2_metadata_length
 from vdifs.formats.qcow2_parse import parse_qcow2
 from vdifs.formats.qcow2_parse import streamed_size as qcow2_streamed_size
 from vdifs.formats.vhd_parse import BlockSpan, ParsedImage, parse_vhd, streamed_size
+from vdifs.formats.vhd_parse import Write as VhdWrite
 from vdifs.formats.vhd_parse import metadata_length as vhd_metadata_length
 from vdifs.imports import ImportJob, ImportResult, apply_write
 
 log = logging.getLogger(__name__)
-
-MAX_STREAM_BLOCK = 16 * 1024 * 1024  # larger VHD blocks are staged: memory per upload stays small
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -69,6 +69,17 @@ class _Head(Exception):
 
 
 _ZEROS = memoryview(bytes(1 << 20))
+
+
+class Run(Protocol):
+    """Bytes at ``file_offset`` that go to ``virtual_offset`` (a VHD or qcow2 write)."""
+
+    @property
+    def virtual_offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def file_offset(self) -> int: ...
 
 
 class ImageStream:
@@ -107,6 +118,28 @@ class ImageStream:
     def _check_end(self, size: int, read_at: Callable[[int, int], bytes]) -> None:
         """At close: refuse an image whose end does not match what streamed."""
         raise NotImplementedError
+
+    def _feed_run(self, write: Run, view: memoryview, limit: int) -> tuple[memoryview, bool]:
+        """Apply the bytes of ``view`` (at ``self.pos``) that belong to ``write``.
+
+        Bytes before the run are skipped over.  Returns what is left of
+        ``view`` and whether the run is complete.
+        """
+        assert self.job is not None
+        if self.pos < write.file_offset:
+            skip = min(len(view), write.file_offset - self.pos)
+            self.pos += skip
+            view = view[skip:]
+            if not len(view):
+                return view, False
+        if write.virtual_offset < 0 or write.virtual_offset + write.length > limit:
+            raise MalformedImage("the image writes outside its virtual size")
+        start = self.pos - write.file_offset
+        take = min(len(view), write.length - start)
+        self.job.applier.write(write.virtual_offset + start, view[:take])
+        self.applied_any = True
+        self.pos += take
+        return view[take:], start + take == write.length
 
     # -- feeding -------------------------------------------------------------------
 
@@ -202,7 +235,12 @@ class ImageStream:
 
 
 class VhdStream(ImageStream):
-    """A dynamic or differencing VHD, block by block."""
+    """A dynamic or differencing VHD, run by run as each block's bytes arrive.
+
+    A block's sector bitmap precedes its data, so once the bitmap has come,
+    the block's runs of present sectors are known and its data is applied
+    straight from the writes; only the bitmap is held in memory.
+    """
 
     def __init__(self, make_job: Callable[[], ImportJob], staging_fd: int) -> None:
         super().__init__(make_job, staging_fd)
@@ -212,11 +250,13 @@ class VhdStream(ImageStream):
         self.presumed_size = 0
         self._spans: Iterator[BlockSpan] = iter(())
         self.span: BlockSpan | None = None
-        self.block = bytearray()
+        self.bitmap = bytearray()
+        self._runs: Iterator[VhdWrite] = iter(())
+        self.run: VhdWrite | None = None
 
     def wants_staged(self, offset: int, length: int) -> bool:
-        """Block bytes are only needed in memory once blocks have started to apply
-        (staging them would cost a copy and a punch); the footer is staged.
+        """Block bytes are only applied once data has started to apply (staging
+        them would cost a copy and a punch); the footer is staged.
         """
         if (
             self.state == "streaming"
@@ -264,10 +304,8 @@ class VhdStream(ImageStream):
             return
         spans = parsed.blocks()
         first = next(spans, None)
-        if first is not None and (
-            first.bitmap_offset < head_end or first.end - first.bitmap_offset > MAX_STREAM_BLOCK
-        ):
-            self._stop_streaming("blocks inside the metadata, or too large to hold")
+        if first is not None and first.bitmap_offset < head_end:
+            self._stop_streaming("blocks inside the metadata")
             return
         job = self.make_job()
         self.job = job
@@ -280,8 +318,8 @@ class VhdStream(ImageStream):
 
     def _next_span(self, span: BlockSpan | None) -> None:
         self.span = span
-        if span is not None:
-            self.block = bytearray(span.end - span.bitmap_offset)
+        self.bitmap = bytearray()
+        self.run = None
 
     def _take_body(self, view: memoryview) -> memoryview:
         span = self.span
@@ -292,28 +330,38 @@ class VhdStream(ImageStream):
             skip = span.bitmap_offset - self.pos
             self.pos += skip
             view = view[skip:]
-        start = self.pos - span.bitmap_offset
-        take = min(len(view), span.end - self.pos)
-        self.block[start : start + take] = view[:take]
-        self.pos += take
+        if self.pos < span.data_offset:
+            take = min(len(view), span.data_offset - self.pos)
+            self.bitmap += view[:take]
+            self.pos += take
+            view = view[take:]
+            if self.pos == span.data_offset:
+                assert self.parsed is not None
+                self._runs = self.parsed.block_writes(span, bytes(self.bitmap))
+                self.run = next(self._runs, None)
+            return view
+        run = self.run
+        if run is None:  # absent sectors up to the end of the block
+            take = min(len(view), span.end - self.pos)
+            self.pos += take
+            view = view[take:]
+        else:
+            assert self.parsed is not None
+            view, done = self._feed_run(run, view, self.parsed.virtual_size)
+            if done:
+                self.run = next(self._runs, None)
         if self.pos == span.end:
-            self._apply_block(span)
-            self._next_span(next(self._spans, None))
-        return view[take:]
+            self._end_block(span)
+        return view
 
-    def _apply_block(self, span: BlockSpan) -> None:
-        assert self.job is not None and self.parsed is not None
-        block = self.block
-        applier = self.job.applier
-        for write in self.parsed.block_writes(span, bytes(block[: span.bitmap_size])):
-            at = write.file_offset - span.bitmap_offset
-            applier.write(write.virtual_offset, memoryview(block)[at : at + write.length])
+    def _end_block(self, span: BlockSpan) -> None:
         if span.bitmap_offset < self.staged_end:
             punch_hole(self.staging_fd, span.bitmap_offset, span.end - span.bitmap_offset)
         self.applied_any = True
+        self._next_span(next(self._spans, None))
 
     def _release(self) -> None:
-        self.block = bytearray()
+        self.bitmap = bytearray()
         if self.state != "streaming":
             self.head = bytearray()
 
@@ -323,6 +371,14 @@ class VhdStream(ImageStream):
         footer = read_at(size - c_vhd.FOOTER_SIZE, c_vhd.FOOTER_SIZE)
         if footer != bytes(self.head[: c_vhd.FOOTER_SIZE]):
             raise MalformedImage("the footer at the end differs from the copy at offset 0")
+
+
+class _DataRun(NamedTuple):
+    """A qcow2 data write (its file offset known: zero runs have none)."""
+
+    virtual_offset: int
+    length: int
+    file_offset: int
 
 
 class Qcow2Stream(ImageStream):
@@ -403,23 +459,15 @@ class Qcow2Stream(ImageStream):
 
     def _take_body(self, view: memoryview) -> memoryview:
         write = self.write
-        if write is None or self.pos + len(view) <= (write.file_offset or 0):
-            self.pos += len(view)  # between runs, or after the last one
+        if write is None:
+            self.pos += len(view)  # after the last run
             return view[len(view) :]
-        assert write.file_offset is not None and self.job is not None
-        if self.pos < write.file_offset:
-            skip = write.file_offset - self.pos
-            self.pos += skip
-            view = view[skip:]
-        start = self.pos - write.file_offset
-        take = min(len(view), write.length - start)
-        if write.virtual_offset + write.length > self.virtual_size:
-            raise MalformedImage("the image writes outside its virtual size")
-        self.job.applier.write(write.virtual_offset + start, view[:take])
-        self.pos += take
-        if start + take == write.length:
+        assert write.file_offset is not None  # zero runs were applied at the start
+        run = _DataRun(write.virtual_offset, write.length, write.file_offset)
+        view, done = self._feed_run(run, view, self.virtual_size)
+        if done:
             self._next_write()
-        return view[take:]
+        return view
 
     def _check_end(self, size: int, read_at: Callable[[int, int], bytes]) -> None:
         if self.write is not None:
