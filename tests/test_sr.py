@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import pytest
 
 from vdifs.errors import InvalidArgument, NotFound, ReadOnly
 from vdifs.formats.base import CHUNK_SIZE
+from vdifs.storage import local
 from vdifs.storage.blockmap import ROW_BYTES
-from vdifs.storage.local import LocalSR, parse_size
+from vdifs.storage.local import ChunkWriter, LocalSR, parse_size
 
 
 def test_parse_size() -> None:
@@ -196,3 +198,46 @@ def test_stale_packs_from_a_crash_are_removed(sr_path: Path) -> None:
     sr.close()
     LocalSR(sr_path).close()
     assert not left_behind.exists()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_large_import_keeps_its_digests_on_disk(
+    sr: LocalSR, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Past IN_MEMORY new chunks, a writer's digests go to a scratch file (bounded memory)."""
+    monkeypatch.setattr(local._NewDigests, "IN_MEMORY", 8)
+    record = sr.create_vdi("disk", 64 * CHUNK_SIZE)
+    chunks = [os.urandom(CHUNK_SIZE) for _ in range(20)]
+    w = ChunkWriter(sr, record.uuid, replace=True, direct=direct)
+    w.write_chunks(0, b"".join(chunks))
+    assert list(sr.staging_dir.glob("*.digests"))  # spilled
+    # Chunks seen before and after the spill still deduplicate within the import.
+    w.write_chunks(20, chunks[3] + chunks[17] + bytes(CHUNK_SIZE))
+    w.commit()
+    assert not list(sr.staging_dir.glob("*.digests"))
+    block_map = sr.snapshot_state(record.uuid)[1]
+    ids = [block_map.chunk_id(c) for c in range(23)]
+    assert ids[20] == ids[3] and ids[21] == ids[17] and ids[22] == 0
+    assert len(set(ids[:20])) == 20
+    for c, data in enumerate([*chunks, chunks[3], chunks[17]]):
+        assert sr.read(block_map, c * CHUNK_SIZE, CHUNK_SIZE) == data
+    # A later import finds them through the committed digests.
+    again = ChunkWriter(sr, record.uuid, replace=False)
+    again.write_chunks(40, chunks[5])
+    again.commit()
+    assert sr.snapshot_state(record.uuid)[1].chunk_id(40) == ids[5]
+
+
+def test_stale_digest_scratch_from_a_crash_is_removed(sr_path: Path) -> None:
+    LocalSR(sr_path).close()
+    left, busy = sr_path / "staging" / "a.digests", sr_path / "staging" / "b.digests"
+    for path in (left, busy):
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - 3600,) * 2)
+    fd = os.open(busy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer still using it
+    try:
+        LocalSR(sr_path).close()
+        assert not left.exists() and busy.exists()
+    finally:
+        os.close(fd)

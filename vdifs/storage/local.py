@@ -299,6 +299,7 @@ class LocalSR:
         for statement in _LATE_INDEXES:
             db.execute(statement)
         self.remove_stale_packs()
+        self.remove_stale_scratch()
 
     def _add_missing_columns(self) -> None:
         """Bring an SR made by an earlier vdifs up to this schema (additive only)."""
@@ -685,6 +686,27 @@ class LocalSR:
 
     # -- housekeeping -----------------------------------------------------------
 
+    def remove_stale_scratch(self) -> None:
+        """Delete digest scratch files (``_NewDigests``) of writers that died."""
+        now = time.time()
+        for entry in os.scandir(self.staging_dir):
+            if not entry.name.endswith(".digests"):
+                continue
+            try:
+                if now - entry.stat().st_mtime < STALE_PACK_SECONDS:
+                    continue  # perhaps being created: it is locked right after
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+            except BlockingIOError:
+                pass  # in use
+            finally:
+                os.close(fd)
+
     def remove_stale_packs(self) -> int:
         """Delete pack files no transaction committed and nobody is writing.
 
@@ -846,7 +868,7 @@ class ChunkWriter:
         self.import_name: str | None = None
         self._rows: dict[int, bytearray] = {}
         self._written: dict[int, int] = {}  # block -> mask of chunks written
-        self._new_digests: dict[bytes, int] = {}
+        self._new_digests = _NewDigests(sr.staging_dir)
         self._reused_packs: set[int] = set()  # packs of existing chunks this write shares
         self._packs: list[tuple[int, int, int]] = []  # (pack, fd, slots used)
         self.chunks_written = 0
@@ -914,27 +936,30 @@ class ChunkWriter:
     def _store(self, pieces: list[memoryview]) -> list[int]:
         """Chunk ids for non-zero chunks: known content reused, the rest written."""
         digests = [chunk_digest(piece) for piece in pieces]
-        unknown = {d for d in digests if d not in self._new_digests}
-        known: dict[bytes, int] = {}
+        known = self._new_digests.lookup(set(digests))
+        unknown = {d for d in digests if d not in known}
         if unknown:
             marks = ",".join("?" * len(unknown))
-            known = {
+            stored = {
                 bytes(digest): int(chunk_id)
                 for digest, chunk_id in self.sr.db.execute(
                     f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", tuple(unknown)
                 )
             }
-            self._reused_packs.update(chunk_id >> 32 for chunk_id in known.values())
+            self._reused_packs.update(chunk_id >> 32 for chunk_id in stored.values())
+            known.update(stored)
         ids: list[int] = []
         new: list[tuple[int, memoryview]] = []  # (slot id, data), slots in increasing order
+        added: list[tuple[bytes, int]] = []
         for piece, digest in zip(pieces, digests, strict=True):
-            chunk_id = self._new_digests.get(digest) or known.get(digest)
+            chunk_id = known.get(digest)
             if chunk_id is None:
-                chunk_id = self._new_slot()
-                self._new_digests[digest] = chunk_id
+                chunk_id = known[digest] = self._new_slot()
+                added.append((digest, chunk_id))
                 new.append((chunk_id, piece))
             ids.append(chunk_id)
         self._write_slots(new)
+        self._new_digests.add(added)
         return ids
 
     def _new_slot(self) -> int:
@@ -1079,6 +1104,7 @@ class ChunkWriter:
             self._done = True
 
     def _close_packs(self, *, unlink: bool) -> None:
+        self._new_digests.close()
         if self._direct is not None:
             self._direct.close()
         for pack, fd, _slots in self._packs:
@@ -1093,6 +1119,73 @@ class ChunkWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+class _NewDigests:
+    """Digests of the chunks one writer stored: its own dedup, then its commit.
+
+    In a dict up to :attr:`IN_MEMORY` entries (about 30 MB, for 16 GiB of new
+    data); past that, in a scratch SQLite file under ``staging/``, so that
+    importing a 2 TiB disk costs disk space, not gigabytes of memory.  The
+    file is flocked while in use; :meth:`LocalSR.remove_stale_scratch`
+    deletes what a crash left.
+    """
+
+    IN_MEMORY = 1 << 18
+
+    def __init__(self, staging_dir: Path) -> None:
+        self._staging_dir = staging_dir
+        self._memory: dict[bytes, int] = {}
+        self._db: sqlite3.Connection | None = None
+        self._path: Path | None = None
+        self._lock_fd = -1
+
+    def lookup(self, digests: set[bytes]) -> dict[bytes, int]:
+        found = {d: i for d in digests if (i := self._memory.get(d)) is not None}
+        if self._db is not None and len(found) < len(digests):
+            rest = tuple(digests - found.keys())
+            marks = ",".join("?" * len(rest))
+            rows = self._db.execute(f"SELECT digest, id FROM new WHERE digest IN ({marks})", rest)
+            found.update((bytes(d), int(i)) for d, i in rows)
+        return found
+
+    def add(self, items: list[tuple[bytes, int]]) -> None:
+        if self._db is None:
+            self._memory.update(items)
+            if len(self._memory) > self.IN_MEMORY:
+                self._spill()
+        else:
+            self._db.executemany("INSERT INTO new(digest, id) VALUES (?, ?)", items)
+
+    def _spill(self) -> None:
+        self._path = self._staging_dir / f"{secrets.token_hex(8)}.digests"
+        self._lock_fd = os.open(
+            self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=OFF")  # scratch: a crash discards it whole
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("CREATE TABLE new(digest BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID")
+        db.executemany("INSERT INTO new(digest, id) VALUES (?, ?)", self._memory.items())
+        self._db = db
+        self._memory = {}
+
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        yield from self._memory.items()
+        if self._db is not None:
+            yield from self._db.execute("SELECT digest, id FROM new")
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+            os.close(self._lock_fd)
+            self._path = None
+        self._memory = {}
 
 
 class _DirectWrites:
