@@ -545,3 +545,44 @@ def test_restore_after_checkpoint_and_gc(cli: Cli, tmp_path: Path) -> None:
     cli("import", restored, str(tmp_path / "s2.vhd"))
     assert export_sha(cli, restored) == hashlib.sha256(b.read_bytes()).hexdigest()
     assert cli("vdi", "snapshot", "r") and cli("vdi", "snapshot", "r")  # names resolve to the VDI
+
+
+def test_close_reports_the_outcome_when_a_forked_child_closes_too(
+    cli: Cli, mnt: Mount, tmp_path: Path
+) -> None:
+    """A child that inherits the descriptor closes it too (its exec does): two flushes.
+
+    Whichever comes first applies the upload; the writer's own close() must
+    still return that import's outcome, never success for a refused image
+    nor before the import is recorded.
+    """
+    target = cli("vdi", "create", "forked", "--size", "8M")
+    appear(mnt, target)
+    raw = tmp_path / "x.raw"
+    raw.write_bytes(os.urandom(8 * MiB))
+    image = tmp_path / "x.vhd"
+    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", str(raw), str(image))
+    good = image.read_bytes()
+    for attempt in range(12):
+        data = good if attempt % 2 else good[: len(good) // 2]  # truncated: refused
+        name = f"{target}.vhd"
+        fd = os.open(mnt.path / "import" / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, data)
+        child = os.fork()
+        if child == 0:  # the child's copy closes at once, racing the parent's close
+            try:
+                os.close(fd)  # it may be the one that applies (and gets the error)
+            finally:
+                os._exit(0)
+        try:
+            os.close(fd)
+            outcome = 0
+        except OSError as exc:
+            outcome = exc.errno or -1
+        os.waitpid(child, 0)
+        status = json.loads((mnt.path / "import" / ".status" / f"{name}.json").read_text())
+        if data is good:
+            assert outcome == 0 and status["state"] == "done", (attempt, status)
+            assert sha(mnt.vdi(target) / "raw.img") == sha(raw)
+        else:
+            assert outcome == errno.EINVAL and status["state"] == "failed", (attempt, status)

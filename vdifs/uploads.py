@@ -139,6 +139,7 @@ class Upload:
     mtime_ns: int = field(default_factory=time.time_ns)
     settled_ns: int | None = None  # applied and its data dropped
     failed: bool = False  # refused or failed: nothing to keep a stub for
+    error: BaseException | None = None  # why, for every close() of the upload
     stream: ImageStream | None = None  # an image applied as it arrives
 
     def start_stream(self) -> None:
@@ -181,6 +182,7 @@ class Upload:
         if self.applied:
             return
         self.applied = self.failed = True
+        self.error = exc
         stream = self.stream
         if stream is not None and stream.state == "failed":
             return  # the stream recorded its own failure
@@ -346,6 +348,7 @@ class Uploads:
         upload.path, upload.fd = self._staging_file()
         upload.request, upload.lock_fd = request, lock_fd
         upload.applied = upload.dirty = False
+        upload.error = None
         upload.truncate(0 if truncate else upload.size)
         upload.dirty = truncate
         upload.start_stream()
@@ -421,11 +424,13 @@ def apply_or_explain(upload: Upload) -> ImportResult:
     if killed:
         upload.applied = upload.failed = True
         record_interrupted(upload.sr, upload.name, upload.request, upload.size)
-        raise InvalidArgument(
+        upload.error = InvalidArgument(
             f"{upload.name}: the writer (pid {killed[0]}) was killed; not applied"
         )
+        raise upload.error
     try:
         return upload.apply()
-    except BaseException:
+    except BaseException as exc:
         upload.failed = True
+        upload.error = exc
         raise

@@ -102,6 +102,7 @@ class VdifsOperations(pyfuse3.Operations):
         self._live: dict[str, LiveDisk] = {}
         self._flush_locks: dict[str, trio.Lock] = {}
         self._pipelines: dict[int, WritePipeline] = {}  # by id() of an open upload
+        self._applying: dict[int, trio.Event] = {}  # by id() of an upload being applied
         self._nursery: trio.Nursery | None = None
         self.uid = os.geteuid()
         self.gid = os.getegid()
@@ -403,13 +404,33 @@ class VdifsOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(upload.abandon, exc, limiter=BACKEND_LIMITER)
             raise
 
+    async def _await_outcome(self, upload: Upload) -> None:
+        """For a flush of an upload already applied or being applied: its outcome.
+
+        A process that forks while writing into import/ (its child's exec
+        closes an inherited descriptor) sends a second flush, which may come
+        first and start the import: the writer's own close() must still wait
+        for it and get its error.
+        """
+        done = self._applying.get(id(upload))
+        if done is not None:
+            await done.wait()
+        if upload.error is not None:
+            raise upload.error
+
     async def _apply_upload(self, upload: Upload) -> None:
         """Apply a finished upload off the loop; its error becomes this call's errno."""
+        # Marked before the first await: a second flush of the same file (another
+        # descriptor closed meanwhile) waits for this one in _await_outcome.
+        upload.applied = True
+        done = self._applying[id(upload)] = trio.Event()
         try:
             result = await trio.to_thread.run_sync(
                 apply_or_explain, upload, limiter=BACKEND_LIMITER
             )
         finally:
+            del self._applying[id(upload)]
+            done.set()
             await self._refresh()
         log.info("imported %s into %s", upload.name, result.target)
 
@@ -421,6 +442,9 @@ class VdifsOperations(pyfuse3.Operations):
         upload = handle.upload
         if upload is not None:
             await self._settle(upload)
+            if upload.applied:
+                await self._await_outcome(upload)
+                return
         if (
             upload is not None
             and upload.ready
