@@ -178,6 +178,15 @@ def mnt(mount_factory: Any) -> Iterator[Mount]:
     assert m.warnings() == [], m.log.read_text()
 
 
+def sha(path: Path) -> str:
+    """sha256 of a file, read in pieces (raw.img of a large disk included)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def export_sha(cli: Cli, uuid: str) -> str:
     """sha256 of a VDI's bytes through vdifs export (no mount involved)."""
     out = subprocess.run(

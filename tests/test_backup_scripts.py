@@ -9,7 +9,6 @@ manifest and here against what the disk held that night).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, Mount, fill, needs_fuse, needs_tool, wait_for
+from tests.conftest import Cli, Mount, fill, needs_fuse, needs_tool, sha, wait_for
 
 pytestmark = [needs_fuse, needs_tool("qemu-img")]
 
@@ -28,14 +27,6 @@ MiB = 1 << 20
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 BACKUP = CONTRIB / "vdifs-backup"
 RESTORE = CONTRIB / "vdifs-restore"
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Scripts:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, Mount, fill, needs_fuse, needs_tool, wait_for
+from tests.conftest import Cli, Mount, fill, needs_fuse, needs_tool, sha, wait_for
 
 pytestmark = [needs_fuse, needs_tool("qemu-img")]
 
@@ -27,14 +27,6 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
 def identical(fmt: str, image: Path, raw: Path) -> None:
     result = qemu_img("compare", "-f", fmt, "-F", "raw", str(image), str(raw))
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_disk(cli: Cli, mnt: Mount, size: str, writes: list[tuple[int, bytes]]) -> str:

@@ -20,15 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, Mount, export_sha, fill, needs_fuse, needs_tool, wait_for
+from tests.conftest import Cli, Mount, export_sha, fill, needs_fuse, needs_tool, sha, wait_for
 
 pytestmark = [needs_fuse, needs_tool("qemu-img")]
 
 MiB = 1 << 20
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def appear(mnt: Mount, uuid: str) -> None:
@@ -359,6 +355,18 @@ def staged_bytes(sr: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in (sr / "staging").glob("*.upload"))
 
 
+def upload_watching_staging(image: Path, dest: Path, sr: Path) -> int:
+    """Write an image in 1 MiB pieces; the largest staging footprint seen."""
+    staged_peak = 0
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(image, "rb") as f:
+        while data := f.read(MiB):
+            os.write(fd, data)
+            staged_peak = max(staged_peak, staged_bytes(sr))
+    os.close(fd)
+    return staged_peak
+
+
 def test_a_sequential_vhd_is_applied_as_it_arrives(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
     raw = tmp_path / "disk.raw"
     with open(raw, "wb") as f:
@@ -370,13 +378,7 @@ def test_a_sequential_vhd_is_applied_as_it_arrives(cli: Cli, mnt: Mount, tmp_pat
     qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", str(raw), str(image))
     target = cli("vdi", "create", "streamed", "--size", "128M")
     appear(mnt, target)
-    staged_peak = 0
-    fd = os.open(mnt.path / "import" / f"{target}.vhd", os.O_WRONLY | os.O_CREAT, 0o600)
-    with open(image, "rb") as f:
-        while data := f.read(MiB):
-            os.write(fd, data)
-            staged_peak = max(staged_peak, staged_bytes(cli.sr))
-    os.close(fd)
+    staged_peak = upload_watching_staging(image, mnt.path / "import" / f"{target}.vhd", cli.sr)
     # Never staged whole: applied blocks are punched out of the staging file.
     assert staged_peak < 16 * MiB, staged_peak
     assert sha(mnt.vdi(target) / "raw.img") == hashlib.sha256(raw.read_bytes()).hexdigest()
@@ -395,18 +397,6 @@ def test_a_sequential_vhd_is_applied_as_it_arrives(cli: Cli, mnt: Mount, tmp_pat
     status = json.loads((mnt.path / "import" / ".status" / f"{target}.vhd.json").read_text())
     assert status["state"] == "failed" and "front to back" in status["error"]
     assert staged_bytes(cli.sr) == 0
-
-
-def upload_watching_staging(image: Path, dest: Path, sr: Path) -> int:
-    """Write an image in 1 MiB pieces; the largest staging footprint seen."""
-    staged_peak = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(image, "rb") as f:
-        while data := f.read(MiB):
-            os.write(fd, data)
-            staged_peak = max(staged_peak, staged_bytes(sr))
-    os.close(fd)
-    return staged_peak
 
 
 def test_a_qcow2_with_its_tables_first_is_applied_as_it_arrives(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -13,15 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, Mount, fill, needs_fuse, pread, wait_for
+from tests.conftest import Cli, Mount, fill, needs_fuse, pread, sha, wait_for
 
 pytestmark = needs_fuse
 
 MiB = 1 << 20
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def appear(mnt: Mount, uuid: str) -> None:

@@ -387,12 +387,16 @@ def _apply_writes(
             progress(write.file_offset + write.length)
 
 
+def check_inside(write: ImageWrite, limit: int) -> None:
+    if write.virtual_offset < 0 or write.virtual_offset + write.length > limit:
+        raise MalformedImage("the image writes outside its virtual size")
+
+
 def apply_write(
     applier: Applier, write: ImageWrite, read_at: ReadAt, limit: int, length: int | None = None
 ) -> None:
     """Apply one write of a parsed image; only its first ``length`` bytes, if given."""
-    if write.virtual_offset < 0 or write.virtual_offset + write.length > limit:
-        raise MalformedImage("the image writes outside its virtual size")
+    check_inside(write, limit)
     length = write.length if length is None else length
     if write.file_offset is None:
         for pos in range(0, length, READ_PIECE):

@@ -32,7 +32,6 @@ import ctypes.util
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol
 
 from vdifs.errors import MalformedImage, VdifsError
 from vdifs.formats import c_vhd
@@ -44,7 +43,7 @@ from vdifs.formats.qcow2_parse import streamed_size as qcow2_streamed_size
 from vdifs.formats.vhd_parse import BlockSpan, ParsedImage, parse_vhd, streamed_size
 from vdifs.formats.vhd_parse import Write as VhdWrite
 from vdifs.formats.vhd_parse import metadata_length as vhd_metadata_length
-from vdifs.imports import ImportJob, ImportResult, apply_write
+from vdifs.imports import ImageWrite, ImportJob, ImportResult, apply_write, check_inside
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +68,6 @@ class _Head(Exception):
 
 
 _ZEROS = memoryview(bytes(1 << 20))
-
-
-class Run(Protocol):
-    """Bytes at ``file_offset`` that go to ``virtual_offset`` (a VHD or qcow2 write)."""
-
-    @property
-    def virtual_offset(self) -> int: ...
-    @property
-    def length(self) -> int: ...
-    @property
-    def file_offset(self) -> int: ...
 
 
 class ImageStream:
@@ -119,21 +107,20 @@ class ImageStream:
         """At close: refuse an image whose end does not match what streamed."""
         raise NotImplementedError
 
-    def _feed_run(self, write: Run, view: memoryview, limit: int) -> tuple[memoryview, bool]:
+    def _feed_run(self, write: ImageWrite, view: memoryview, limit: int) -> tuple[memoryview, bool]:
         """Apply the bytes of ``view`` (at ``self.pos``) that belong to ``write``.
 
         Bytes before the run are skipped over.  Returns what is left of
         ``view`` and whether the run is complete.
         """
-        assert self.job is not None
+        assert self.job is not None and write.file_offset is not None
         if self.pos < write.file_offset:
             skip = min(len(view), write.file_offset - self.pos)
             self.pos += skip
             view = view[skip:]
             if not len(view):
                 return view, False
-        if write.virtual_offset < 0 or write.virtual_offset + write.length > limit:
-            raise MalformedImage("the image writes outside its virtual size")
+        check_inside(write, limit)
         start = self.pos - write.file_offset
         take = min(len(view), write.length - start)
         self.job.applier.write(write.virtual_offset + start, view[:take])
@@ -373,14 +360,6 @@ class VhdStream(ImageStream):
             raise MalformedImage("the footer at the end differs from the copy at offset 0")
 
 
-class _DataRun(NamedTuple):
-    """A qcow2 data write (its file offset known: zero runs have none)."""
-
-    virtual_offset: int
-    length: int
-    file_offset: int
-
-
 class Qcow2Stream(ImageStream):
     """A qcow2 whose tables lead the file, run of clusters by run of clusters.
 
@@ -448,23 +427,19 @@ class Qcow2Stream(ImageStream):
             if write.file_offset is not None and write.file_offset + write.length > self.pos:
                 self.write = write
                 if write.file_offset < self.pos:  # it began inside the staged head
-                    self._apply(write, self.pos - write.file_offset)
+                    length = self.pos - write.file_offset
+                    apply_write(applier, write, self._read_staged, self.virtual_size, length)
                 return
             apply_write(applier, write, self._read_staged, self.virtual_size)
         self.write = None
-
-    def _apply(self, write: Qcow2Write, length: int) -> None:
-        assert self.job is not None
-        apply_write(self.job.applier, write, self._read_staged, self.virtual_size, length)
 
     def _take_body(self, view: memoryview) -> memoryview:
         write = self.write
         if write is None:
             self.pos += len(view)  # after the last run
             return view[len(view) :]
-        assert write.file_offset is not None  # zero runs were applied at the start
-        run = _DataRun(write.virtual_offset, write.length, write.file_offset)
-        view, done = self._feed_run(run, view, self.virtual_size)
+        # Zero runs (no file offset) were all applied at the start.
+        view, done = self._feed_run(write, view, self.virtual_size)
         if done:
             self._next_write()
         return view
@@ -474,10 +449,3 @@ class Qcow2Stream(ImageStream):
             raise MalformedImage(
                 f"the qcow2 image ended at byte {size} before all its data had arrived"
             )
-
-
-def staging_reader(fd: int) -> Callable[[int, int], bytes]:
-    def read_at(offset: int, length: int) -> bytes:
-        return os.pread(fd, length, offset)
-
-    return read_at
