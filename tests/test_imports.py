@@ -576,3 +576,27 @@ def test_close_reports_the_outcome_when_a_forked_child_closes_too(
             assert sha(mnt.vdi(target) / "raw.img") == sha(raw)
         else:
             assert outcome == errno.EINVAL and status["state"] == "failed", (attempt, status)
+
+
+@needs_tool("fallocate")
+def test_cp_of_an_image_ending_in_a_hole(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
+    """cp seeks over a sparse source's trailing hole and sets the size at the end."""
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(MiB)
+        f.write(os.urandom(2 * MiB - 32 * 1024))  # the last cluster ends in zeros
+    image = tmp_path / "sparse.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
+    subprocess.run(
+        ["fallocate", "--punch-hole", "--offset", str(image.stat().st_size - 32 * 1024),
+         "--length", str(32 * 1024), str(image)],
+        check=True,
+    )  # fmt: skip
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image), str(raw))
+    for name in ("sparse-new.qcow2", "sparse-again.qcow2"):
+        subprocess.run(["cp", "--sparse=always", str(image), str(mnt.path / "import" / name)],
+                       check=True)  # fmt: skip
+        restored = mnt.path / "by-name" / name.removesuffix(".qcow2") / "raw.img"
+        assert wait_for(restored.exists, 3)
+        assert sha(restored) == sha(raw)

@@ -196,9 +196,18 @@ class ImageStream:
         job.fail(exc, received=self.pos)
 
     def truncated_to(self, size: int) -> None:
-        """The upload was truncated: below the stream, that is a step back."""
-        if self.active and size < self.pos:
+        """The upload was truncated or extended (blocking: extending applies zeros).
+
+        Below the stream that is a step back.  Beyond it, the new bytes are
+        zeros: ``cp`` copies a sparse image's trailing hole so, seeking past
+        it and setting the size at the end.
+        """
+        if not self.active:
+            return
+        if size < self.pos:
             self._behind(size)
+        elif size > self.pos:
+            self.feed(size, b"")
 
     def finish(self, size: int, read_at: Callable[[int, int], bytes]) -> ImportResult:
         """At close: check the end of the file and commit."""

@@ -204,7 +204,10 @@ class VdifsOperations(pyfuse3.Operations):
             if fields.update_size:
                 upload = self.tree.uploads.get(node[1])
                 await self._settle(upload)
-                upload.truncate(attr.st_size)
+                # Blocking: growing a streamed image applies the new zeros.
+                await trio.to_thread.run_sync(
+                    upload.truncate, attr.st_size, limiter=BACKEND_LIMITER
+                )
             return self._entry(node)
         if fields.update_size and attr.st_size != self.tree.attr(node).size:
             # A disk's size is fixed; truncation (cp's O_TRUNC) would destroy it.
