@@ -6,21 +6,54 @@ the buffer growing past its limit) commits the dirty chunks to the SR in one
 transaction, after which a snapshot sees them.  Reads overlay the buffered
 chunks on the disk's current state, so a writer reads its own writes.
 
-Await-atomicity: :meth:`write` and :meth:`read` never await; the adapter
-serialises flushes with a lock, and a flush swaps the dirty set out first
-(``pending``), so writes may continue while it commits.
+Reads and writes run on the event loop and never await, so each one is
+atomic against the others and against a flush, which swaps the dirty set out
+first (``pending``) and commits it in a thread while writes go on.  When the
+committed bytes they need are not in the page cache they raise
+:class:`NeedsFetch`; the adapter reads those bytes in a thread and calls
+again with them, and they are used only if the disk's committed state is
+still the one they were read from.  (Running the whole read or write in a
+thread would race with a flush: a commit could copy half of a write, a read
+could overlay the buffer on a state older than the one just committed.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from vdifs.errors import NoSpace
 from vdifs.exports import Export
 from vdifs.formats.base import CHUNK_SIZE
-from vdifs.storage.local import LocalSR, VdiRecord
+from vdifs.storage.local import LocalSR, VdiRecord, WouldBlock
 
 DIRTY_LIMIT = 64 << 20  # flush when this much is buffered: bounds memory per disk
+
+Span = tuple[int, int]  # (offset, length)
+
+
+@dataclass
+class Fetched:
+    """Committed bytes of one state of a disk, read off the loop."""
+
+    generation: int
+    spans: dict[Span, bytearray] = field(default_factory=dict)
+
+
+class NeedsFetch(Exception):
+    """A live read or write needs committed bytes the page cache does not hold."""
+
+    def __init__(self, export: Export, spans: list[Span]) -> None:
+        super().__init__(spans)
+        self.export = export
+        self.spans = spans
+
+    def fetch(self) -> Fetched:
+        """Read the spans (blocking: call it in a thread)."""
+        fetched = Fetched(self.export.state.record.generation)
+        for offset, length in self.spans:
+            fetched.spans[offset, length] = self.export.read(offset, length)
+        return fetched
 
 
 class LiveDisk:
@@ -40,35 +73,42 @@ class LiveDisk:
     def size(self) -> int:
         return self._current().size
 
-    def _chunk(self, chunk: int, *, nowait: bool) -> bytearray:
-        data = self.dirty.get(chunk)
-        if data is None:
-            data = self.pending.get(chunk)
-            if data is None:
-                return bytearray(
-                    self._current()
-                    .read(chunk * CHUNK_SIZE, CHUNK_SIZE, nowait=nowait)
-                    .ljust(CHUNK_SIZE, b"\0")
-                )
-            return bytearray(data)
-        return data
+    def _committed(self, export: Export, span: Span, fetched: Fetched | None) -> bytearray:
+        """Committed bytes of ``span``: fetched ones if still current, else cached ones."""
+        if fetched is not None and fetched.generation == export.state.record.generation:
+            data = fetched.spans.pop(span, None)
+            if data is not None:
+                return data
+        return export.read(*span, nowait=True)
 
-    def write(self, offset: int, data: bytes, *, nowait: bool = False) -> int:
-        size = self.size
-        if offset + len(data) > size:
-            raise NoSpace(f"write past the end of the disk ({size} bytes)")
+    def write(self, offset: int, data: bytes, fetched: Fetched | None = None) -> int:
+        export = self._current()
+        if offset + len(data) > export.size:
+            raise NoSpace(f"write past the end of the disk ({export.size} bytes)")
         if not data:
             return 0
         first = offset // CHUNK_SIZE
         last = (offset + len(data) - 1) // CHUNK_SIZE
-        # Gather every chunk first: a WouldBlock leaves nothing half-applied.
-        chunks = {}
+        # Gather every chunk first: a NeedsFetch leaves nothing half-applied.
+        chunks: dict[int, bytearray] = {}
+        missing: list[Span] = []
         for chunk in range(first, last + 1):
             start = chunk * CHUNK_SIZE
-            covers_all = offset <= start and offset + len(data) >= start + CHUNK_SIZE
-            chunks[chunk] = (
-                bytearray(CHUNK_SIZE) if covers_all else self._chunk(chunk, nowait=nowait)
-            )
+            if offset <= start and offset + len(data) >= start + CHUNK_SIZE:
+                chunks[chunk] = bytearray(CHUNK_SIZE)
+            elif (buf := self.dirty.get(chunk)) is not None:
+                chunks[chunk] = buf
+            elif (buf := self.pending.get(chunk)) is not None:
+                chunks[chunk] = bytearray(buf)  # being committed: never changed under it
+            else:
+                try:
+                    buf = self._committed(export, (start, CHUNK_SIZE), fetched)
+                except WouldBlock:
+                    missing.append((start, CHUNK_SIZE))
+                    continue
+                chunks[chunk] = buf.ljust(CHUNK_SIZE, b"\0")  # the disk may end mid-chunk
+        if missing:
+            raise NeedsFetch(export, missing)
         view = memoryview(data)
         for chunk, buf in chunks.items():
             start = chunk * CHUNK_SIZE
@@ -78,13 +118,16 @@ class LiveDisk:
             self.dirty[chunk] = buf
         return len(data)
 
-    def read(self, offset: int, length: int, *, nowait: bool = False) -> bytearray:
-        out = self._current().read(offset, length, nowait=nowait)
+    def read(self, offset: int, length: int, fetched: Fetched | None = None) -> bytearray:
+        export = self._current()
+        try:
+            out = self._committed(export, (offset, length), fetched)
+        except WouldBlock:
+            raise NeedsFetch(export, [(offset, length)]) from None
         if not (self.dirty or self.pending) or not out:
             return out
-        data = out
         first = offset // CHUNK_SIZE
-        last = (offset + len(data) - 1) // CHUNK_SIZE
+        last = (offset + len(out) - 1) // CHUNK_SIZE
         for chunk in range(first, last + 1):
             buf = self.dirty.get(chunk)
             if buf is None:
@@ -93,7 +136,7 @@ class LiveDisk:
                 continue
             start = chunk * CHUNK_SIZE
             lo = max(offset, start)
-            hi = min(offset + len(data), start + CHUNK_SIZE)
+            hi = min(offset + len(out), start + CHUNK_SIZE)
             out[lo - offset : hi - offset] = buf[lo - start : hi - start]
         return out
 

@@ -31,7 +31,7 @@ from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
 from vdifs.fs.pipeline import WritePipeline
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
-from vdifs.livedisk import DIRTY_LIMIT, LiveDisk
+from vdifs.livedisk import DIRTY_LIMIT, Fetched, LiveDisk, NeedsFetch
 from vdifs.storage.local import PackPins, WouldBlock
 from vdifs.uploads import Upload, apply_or_explain, still_open_by
 
@@ -74,6 +74,16 @@ async def nonblocking(fn: Callable[[bool], T]) -> T:
         return fn(True)
     except WouldBlock:
         return await trio.to_thread.run_sync(fn, False, limiter=BACKEND_LIMITER)
+
+
+async def on_live_disk(call: Callable[[Fetched | None], T]) -> T:
+    """Run a live disk's read or write on the loop, fetching what it lacks in a thread."""
+    fetched = None
+    while True:
+        try:
+            return call(fetched)
+        except NeedsFetch as need:
+            fetched = await trio.to_thread.run_sync(need.fetch, limiter=BACKEND_LIMITER)
 
 
 @dataclass
@@ -349,7 +359,7 @@ class VdifsOperations(pyfuse3.Operations):
         # pyfuse3 replies from any buffer: the bytearray goes out without a copy.
         if handle.live is not None:
             live = handle.live
-            data = await nonblocking(lambda nowait: live.read(off, size, nowait=nowait))
+            data = await on_live_disk(lambda fetched: live.read(off, size, fetched))
         else:
             export = handle.export
             assert export is not None
@@ -375,7 +385,7 @@ class VdifsOperations(pyfuse3.Operations):
         live = handle.live
         if live is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        written = await nonblocking(lambda nowait: live.write(off, buf, nowait=nowait))
+        written = await on_live_disk(lambda fetched: live.write(off, buf, fetched))
         if live.dirty_bytes >= DIRTY_LIMIT:
             await self._flush_live(live)
         return written
