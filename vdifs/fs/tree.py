@@ -112,9 +112,9 @@ class Tree:
         self.names: dict[str, str] = {}
         self.changed_ns = time.time_ns()
         self._data_version = -1
-        self._states: OrderedDict[tuple[str, int], DiskState] = OrderedDict()
+        self._states: OrderedDict[str, DiskState] = OrderedDict()  # by VDI uuid
         self._state_bytes = 0
-        self._exports: OrderedDict[tuple[Any, ...], Export] = OrderedDict()
+        self._exports: OrderedDict[tuple[str, str, str | None], Export] = OrderedDict()
         # Attributes of files, valid while the records they derive from are equal
         # (ls -lR: a layout and an info.json are built once per state, not per stat).
         self._file_attrs: dict[Node, tuple[tuple[VdiRecord, ...], Attr]] = {}
@@ -161,46 +161,41 @@ class Tree:
     # -- states and exports ---------------------------------------------------------
 
     def state(self, uuid: str) -> DiskState:
-        """The VDI's state as of the last refresh (block map loaded once per generation)."""
+        """The VDI's state as of the last refresh (block map loaded once per generation).
+
+        One state per VDI is kept: an older generation is never asked for again
+        (an open handle holds its own), and a disk written all day would
+        otherwise fill the cache with the states it went through.
+        """
         record = self.record(uuid)
-        key = (uuid, record.generation)
-        state = self._states.get(key)
-        if state is None:
-            fresh, block_map = self.sr.snapshot_state(uuid, known=record)
-            if fresh.generation != record.generation:
-                # The SR moved on since the last refresh: serve the newer state.
-                key = (uuid, fresh.generation)
-            state = DiskState(fresh, block_map)
-            self._states[key] = state
-            self._state_bytes += len(state.block_map.ids)
-            while len(self._states) > 1 and (
-                self._state_bytes > self.STATE_CACHE_BYTES
-                or len(self._states) > self.STATE_CACHE_MAX
-            ):
-                _key, evicted = self._states.popitem(last=False)
-                self._state_bytes -= len(evicted.block_map.ids)
-        else:
-            self._states.move_to_end(key)
+        state = self._states.get(uuid)
+        if state is not None and state.record.generation >= record.generation:
+            self._states.move_to_end(uuid)
+            return state
+        fresh, block_map = self.sr.snapshot_state(uuid, known=record)
+        # fresh may be newer than the last refresh: the SR moved on; serve it.
+        if state is not None:
+            self._state_bytes -= len(state.block_map.ids)
+        state = self._states[uuid] = DiskState(fresh, block_map)
+        self._states.move_to_end(uuid)
+        self._state_bytes += len(block_map.ids)
+        while len(self._states) > 1 and (
+            self._state_bytes > self.STATE_CACHE_BYTES or len(self._states) > self.STATE_CACHE_MAX
+        ):
+            _uuid, evicted = self._states.popitem(last=False)
+            self._state_bytes -= len(evicted.block_map.ids)
         return state
 
     def export(self, uuid: str, fmt: str, base: str | None = None) -> Export:
         state = self.state(uuid)
         base_state = self.state(base) if base is not None else None
-        key = (
-            uuid,
-            state.record.generation,
-            fmt,
-            base,
-            base_state.record.generation if base_state else None,
-        )
+        key = (uuid, fmt, base)
         export = self._exports.get(key)
-        if export is None:
-            export = Export(self.sr, state, fmt, base_state)
-            self._exports[key] = export
+        if export is None or export.state is not state or export.base is not base_state:
+            export = self._exports[key] = Export(self.sr, state, fmt, base_state)
             while len(self._exports) > self.EXPORT_CACHE:
                 self._exports.popitem(last=False)
-        else:
-            self._exports.move_to_end(key)
+        self._exports.move_to_end(key)
         return export
 
     def delta_bases(self, uuid: str) -> list[str]:
