@@ -121,8 +121,11 @@ class Applier:
     A chunk that a write covers whole goes to the writer at once.  A partly
     covered chunk starts from its current content (the writer's staged copy,
     else zeros for a full image or the target's content for a delta) and waits
-    in memory for the rest; past :data:`OPEN_CHUNK_LIMIT` the oldest is staged
-    and read back if more of it arrives.
+    in memory for the rest, until a write reaches its last byte (writes mostly
+    come in order: a streamed VHD splits nearly every chunk across two FUSE
+    writes), :meth:`settle` says nothing more will come, or past
+    :data:`OPEN_CHUNK_LIMIT`.  A chunk stored early is read back from the
+    writer's staged copy if more of it arrives, so early is only slower.
     """
 
     def __init__(self, sr: LocalSR, writer: ChunkWriter, base: BlockMap | None) -> None:
@@ -158,11 +161,19 @@ class Applier:
             if buf is None:
                 buf = self.open[chunk] = self._current(chunk)
             buf[within : within + take] = view[pos : pos + take]
-            if len(self.open) > OPEN_CHUNK_LIMIT:
+            if within + take == CHUNK_SIZE:
+                self.writer.write_chunk(chunk, self.open.pop(chunk))
+            elif len(self.open) > OPEN_CHUNK_LIMIT:
                 oldest = next(iter(self.open))
                 self.writer.write_chunk(oldest, self.open.pop(oldest))
             pos += take
         self.bytes_applied += len(view)
+
+    def settle(self, start: int, end: int) -> None:
+        """No more writes will come for the bytes in [start, end): store their open chunks."""
+        done = [c for c in self.open if start <= c * CHUNK_SIZE and (c + 1) * CHUNK_SIZE <= end]
+        for chunk in done:
+            self.writer.write_chunk(chunk, self.open.pop(chunk))
 
     def finish(self) -> None:
         for chunk, buf in self.open.items():

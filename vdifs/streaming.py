@@ -351,6 +351,10 @@ class VhdStream(ImageStream):
         return view
 
     def _end_block(self, span: BlockSpan) -> None:
+        assert self.job is not None
+        # A block appears once: chunks it left partly written are final.
+        start = span.block * span.block_size
+        self.job.applier.settle(start, start + span.block_size)
         if span.bitmap_offset < self.staged_end:
             punch_hole(self.staging_fd, span.bitmap_offset, span.end - span.bitmap_offset)
         self.applied_any = True
