@@ -161,6 +161,32 @@ def test_images_made_by_qemu_img(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
     assert sha(mnt.vdi(target) / "raw.img") == hashlib.sha256(flat.read_bytes()).hexdigest()
 
 
+def test_small_clusters_written_out_of_order(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
+    """A qcow2 of 4 KiB clusters allocated in a guest's order (here: backwards, then
+    scattered) fills each 64 KiB chunk in many writes, in any order."""
+    image = tmp_path / "guest.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(image), "8M")
+    writes = [
+        f"write -P {n % 251 + 1} {at} 4096" for n, at in enumerate(range(2 * MiB - 4096, -1, -4096))
+    ]
+    writes += [f"write -P {n % 13 + 7} {(n * 37 % 1536) * 4096 + 2 * MiB} 4096" for n in range(300)]
+    for start in range(0, len(writes), 200):  # qemu-io's argument list, in batches
+        args = [a for w in writes[start : start + 200] for a in ("-c", w)]
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", *args, str(image)], check=True, capture_output=True
+        )
+    flat = tmp_path / "flat.raw"
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(image), str(flat))
+    expected = hashlib.sha256(flat.read_bytes()).hexdigest()
+    by_cli = cli("vdi", "create", "by-cli", "--size", "8M")
+    cli("import", by_cli, str(image))
+    by_cp = cli("vdi", "create", "by-cp", "--size", "8M")
+    appear(mnt, by_cp)
+    assert copy_in(image, mnt.path / "import" / f"{by_cp}.qcow2") == 0
+    for uuid in (by_cli, by_cp):
+        assert wait_for(lambda u=uuid: sha(mnt.vdi(u) / "raw.img") == expected, 3), uuid
+
+
 def test_new_vdi_from_an_image_and_a_raw_lookalike(cli: Cli, mnt: Mount, tmp_path: Path) -> None:
     raw = tmp_path / "x.raw"
     raw.write_bytes(os.urandom(3 * MiB + 512))

@@ -13,6 +13,7 @@ import pytest
 
 from vdifs.errors import InvalidArgument, NotFound, ReadOnly
 from vdifs.formats.base import CHUNK_SIZE
+from vdifs.imports import Applier
 from vdifs.storage import local
 from vdifs.storage.blockmap import ROW_BYTES
 from vdifs.storage.local import ChunkWriter, LocalSR, parse_size
@@ -241,3 +242,23 @@ def test_stale_digest_scratch_from_a_crash_is_removed(sr_path: Path) -> None:
         assert not left.exists() and busy.exists()
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_chunk_stored_early_is_read_back_whole(sr: LocalSR, direct: bool) -> None:
+    """An import's partly written chunk stored before the rest of it came (past the
+    open-chunk limit) is completed from the writer's copy, even one still queued
+    for an O_DIRECT write."""
+    record = sr.create_vdi("disk", 4 * CHUNK_SIZE)
+    head, tail = os.urandom(CHUNK_SIZE // 2), os.urandom(CHUNK_SIZE // 2)
+    for _ in range(20):  # the background writer may or may not have run yet
+        w = ChunkWriter(sr, record.uuid, replace=True, direct=direct)
+        applier = Applier(sr, w, None)
+        applier.write(CHUNK_SIZE + len(head), tail)
+        applier.settle(0, 4 * CHUNK_SIZE)  # stored, zeros in front
+        applier.write(CHUNK_SIZE, head)
+        applier.finish()
+        w.commit()
+        block_map = sr.snapshot_state(record.uuid)[1]
+        assert sr.read(block_map, CHUNK_SIZE, CHUNK_SIZE) == head + tail
+        head, tail = tail, head

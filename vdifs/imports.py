@@ -121,11 +121,11 @@ class Applier:
     A chunk that a write covers whole goes to the writer at once.  A partly
     covered chunk starts from its current content (the writer's staged copy,
     else zeros for a full image or the target's content for a delta) and waits
-    in memory for the rest, until a write reaches its last byte (writes mostly
-    come in order: a streamed VHD splits nearly every chunk across two FUSE
-    writes), :meth:`settle` says nothing more will come, or past
-    :data:`OPEN_CHUNK_LIMIT`.  A chunk stored early is read back from the
-    writer's staged copy if more of it arrives, so early is only slower.
+    in memory until writes have filled all of it (a streamed VHD splits nearly
+    every chunk across two FUSE writes), :meth:`settle` says nothing more will
+    come for it, or more than :data:`OPEN_CHUNK_LIMIT` are waiting.  A chunk
+    stored early is read back from the writer's staged copy if more of it
+    arrives: early is only slower.
     """
 
     def __init__(self, sr: LocalSR, writer: ChunkWriter, base: BlockMap | None) -> None:
@@ -133,6 +133,7 @@ class Applier:
         self.writer = writer
         self.base = base  # None: a full image, whatever is not written is zero
         self.open: dict[int, bytearray] = {}
+        self.filled: dict[int, int] = {}  # bytes written into each open chunk
         self.bytes_applied = 0
 
     def _current(self, chunk: int) -> bytearray:
@@ -143,6 +144,10 @@ class Applier:
             return bytearray(CHUNK_SIZE)
         return bytearray(self.sr.read_chunk(self.base.chunk_id(chunk)))
 
+    def _store(self, chunk: int) -> None:
+        del self.filled[chunk]
+        self.writer.write_chunk(chunk, self.open.pop(chunk))
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         pos = 0
@@ -152,7 +157,8 @@ class Applier:
             if whole:
                 if self.open:
                     for c in range(chunk, chunk + whole):
-                        self.open.pop(c, None)
+                        if self.open.pop(c, None) is not None:
+                            del self.filled[c]
                 self.writer.write_chunks(chunk, view[pos : pos + whole * CHUNK_SIZE])
                 pos += whole * CHUNK_SIZE
                 continue
@@ -160,25 +166,25 @@ class Applier:
             buf = self.open.get(chunk)
             if buf is None:
                 buf = self.open[chunk] = self._current(chunk)
+                self.filled[chunk] = 0
             buf[within : within + take] = view[pos : pos + take]
-            if within + take == CHUNK_SIZE:
-                self.writer.write_chunk(chunk, self.open.pop(chunk))
+            # Parsed images write each byte once: full means complete.
+            self.filled[chunk] += take
+            if self.filled[chunk] >= CHUNK_SIZE:
+                self._store(chunk)
             elif len(self.open) > OPEN_CHUNK_LIMIT:
-                oldest = next(iter(self.open))
-                self.writer.write_chunk(oldest, self.open.pop(oldest))
+                self._store(next(iter(self.open)))
             pos += take
         self.bytes_applied += len(view)
 
     def settle(self, start: int, end: int) -> None:
         """No more writes will come for the bytes in [start, end): store their open chunks."""
-        done = [c for c in self.open if start <= c * CHUNK_SIZE and (c + 1) * CHUNK_SIZE <= end]
-        for chunk in done:
-            self.writer.write_chunk(chunk, self.open.pop(chunk))
+        for chunk in [c for c in self.open if start <= c * CHUNK_SIZE < end]:
+            self._store(chunk)
 
     def finish(self) -> None:
-        for chunk, buf in self.open.items():
-            self.writer.write_chunk(chunk, buf)
-        self.open.clear()
+        for chunk in list(self.open):
+            self._store(chunk)
 
 
 @dataclass

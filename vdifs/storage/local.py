@@ -996,6 +996,8 @@ class ChunkWriter:
         if not self._written.get(block, 0) >> c & 1:
             return None
         chunk_id = int.from_bytes(self._rows[block][c * 8 : c * 8 + 8], "little")
+        if self._direct is not None:
+            self._direct.flush()  # the chunk may still be queued in a buffer
         for pack, fd, _slots in self._packs:
             if chunk_id >> 32 == pack:
                 return os.pread(fd, CHUNK_SIZE, (chunk_id & 0xFFFFFFFF) * CHUNK_SIZE)
