@@ -42,6 +42,15 @@ def needs_tool(tool: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(shutil.which(tool) is None, reason=f"{tool} is not installed")
 
 
+def require_loop_device() -> None:
+    """Skip when the machine has no free loop device (a container without
+    /dev/loop-control): an environment reason. Any later losetup failure,
+    such as one on raw.img, is a test failure."""
+    probe = subprocess.run(["losetup", "--find"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"no loop devices here: {probe.stderr.strip()}")
+
+
 class Cli:
     """The real ``vdifs`` command against one SR."""
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_fuse, needs_tool
+from tests.conftest import needs_fuse, needs_tool, require_loop_device
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -400,9 +400,7 @@ def test_options_named_in_the_guide_exist() -> None:
 @needs_tool("mkfs.ext4")
 @pytest.mark.parametrize("doc", RUN)
 def test_doc_runs(doc: str, scratch: Scratch) -> None:
-    probe = subprocess.run(["losetup", "-f"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"no loop devices here: {probe.stderr.strip()}")
+    require_loop_device()
     rc, log, _where = scratch.run(doc)
     tail = "\n".join(log.splitlines()[-60:])
     assert rc == 0, f"{doc}: the shell commands failed (exit {rc}):\n{tail}"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+import trio
 
 from vdifs.exports import Export
 from vdifs.formats.base import CHUNK_SIZE
-from vdifs.livedisk import Fetched, LiveDisk, NeedsFetch
+from vdifs.fs.ops import on_live_disk
+from vdifs.livedisk import LiveDisk, NeedsFetch
 from vdifs.storage.local import LocalSR, WouldBlock
 
 
@@ -43,13 +46,8 @@ class Disk:
 
 
 def call(fn: Any, *args: Any) -> Any:
-    """on_live_disk without the loop: fetch what is missing, then call again."""
-    fetched: Fetched | None = None
-    while True:
-        try:
-            return fn(*args, fetched)
-        except NeedsFetch as need:
-            fetched = need.fetch()
+    """Through the adapter's own helper: fetch in a thread what is missing, call again."""
+    return trio.run(on_live_disk, partial(fn, *args))
 
 
 def test_a_write_that_needs_a_fetch_changes_nothing_until_it_has_it() -> None:

@@ -115,6 +115,14 @@ def parse_image(fmt: str, read_at: ReadAt, size: int) -> ParsedImage | None:
     raise InvalidArgument(f"unknown format {fmt!r}")
 
 
+@dataclass(slots=True)
+class _OpenChunk:
+    """A partly written chunk: its bytes, and how many of them writes have set."""
+
+    data: bytearray
+    filled: int = 0
+
+
 class Applier:
     """Turns writes at any alignment into whole chunks for a ChunkWriter.
 
@@ -132,8 +140,7 @@ class Applier:
         self.sr = sr
         self.writer = writer
         self.base = base  # None: a full image, whatever is not written is zero
-        self.open: dict[int, bytearray] = {}
-        self.filled: dict[int, int] = {}  # bytes written into each open chunk
+        self.open: dict[int, _OpenChunk] = {}
         self.bytes_applied = 0
 
     def _current(self, chunk: int) -> bytearray:
@@ -145,8 +152,7 @@ class Applier:
         return bytearray(self.sr.read_chunk(self.base.chunk_id(chunk)))
 
     def _store(self, chunk: int) -> None:
-        del self.filled[chunk]
-        self.writer.write_chunk(chunk, self.open.pop(chunk))
+        self.writer.write_chunk(chunk, self.open.pop(chunk).data)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -157,20 +163,18 @@ class Applier:
             if whole:
                 if self.open:
                     for c in range(chunk, chunk + whole):
-                        if self.open.pop(c, None) is not None:
-                            del self.filled[c]
+                        self.open.pop(c, None)
                 self.writer.write_chunks(chunk, view[pos : pos + whole * CHUNK_SIZE])
                 pos += whole * CHUNK_SIZE
                 continue
             take = min(CHUNK_SIZE - within, len(view) - pos)
-            buf = self.open.get(chunk)
-            if buf is None:
-                buf = self.open[chunk] = self._current(chunk)
-                self.filled[chunk] = 0
-            buf[within : within + take] = view[pos : pos + take]
+            held = self.open.get(chunk)
+            if held is None:
+                held = self.open[chunk] = _OpenChunk(self._current(chunk))
+            held.data[within : within + take] = view[pos : pos + take]
             # Parsed images write each byte once: full means complete.
-            self.filled[chunk] += take
-            if self.filled[chunk] >= CHUNK_SIZE:
+            held.filled += take
+            if held.filled >= CHUNK_SIZE:
                 self._store(chunk)
             elif len(self.open) > OPEN_CHUNK_LIMIT:
                 self._store(next(iter(self.open)))
