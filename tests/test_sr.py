@@ -59,6 +59,24 @@ def test_zero_chunks_are_never_stored(sr: LocalSR) -> None:
     assert sum(f.stat().st_size for f in sr.packs_dir.iterdir()) == 0
 
 
+def test_zero_chunks_in_a_run_are_told_from_data_by_their_last_byte(sr: LocalSR) -> None:
+    # Imports hand write_chunks memoryviews of the FUSE writes: the zero test
+    # must see every byte of a view, whatever object it views.
+    record = sr.create_vdi("disk", 8 << 20)
+    run = bytearray(4 * CHUNK_SIZE)
+    run[2 * CHUNK_SIZE - 1] = 1  # chunk 1: one byte at its very end
+    run[3 * CHUNK_SIZE] = 7  # chunk 3: one byte at its very start
+    with sr.writer(record.uuid) as w:
+        w.write_chunks(0, memoryview(run))
+        w.commit()
+    state = sr.snapshot_state(record.uuid)
+    assert sr.read(state[1], 0, 4 * CHUNK_SIZE) == bytes(run)
+    assert sr.get_vdi(record.uuid).physical_utilisation == 2 * CHUNK_SIZE
+    assert local.is_zero_chunk(memoryview(bytes(CHUNK_SIZE)))
+    assert not local.is_zero_chunk(memoryview(run)[CHUNK_SIZE : 2 * CHUNK_SIZE])
+    assert not local.is_zero_chunk(bytes(CHUNK_SIZE - 1))  # not a whole chunk
+
+
 def test_snapshot_is_a_point_in_time_and_shares_data(sr: LocalSR) -> None:
     record = sr.create_vdi("disk", 8 << 20)
     first = os.urandom(CHUNK_SIZE)
