@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from vdifs import __version__
+from vdifs import __version__, malloc
 from vdifs.errors import InvalidArgument, NotFound, VdifsError
 from vdifs.storage.local import LocalSR, VdiRecord, default_sr_path, parse_size
 
@@ -592,6 +592,7 @@ NEEDS_NO_SR = {cmd_mount, cmd_umount}
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    malloc.tune()  # imports and reads allocate megabyte buffers: keep them (see the module)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
