@@ -130,20 +130,31 @@ class Qcow2Layout:
         self._size = total * CLUSTER_SIZE
         assert self._data_offset + data_clusters * CLUSTER_SIZE == self._size
 
-        self._header = _header_bytes(
-            virtual_size=virtual_size,
-            identity=identity,
-            parent=parent,
-            l1_entries=l1_entries,
-            # qemu writes offset 0 for an empty L1 (a 0-byte disk).
-            l1_offset=self._l1_offset if l1_entries else 0,
-            refcount_table_offset=self._refcount_table_offset,
-            refcount_table_clusters=table_clusters,
-        )
+        if parent is not None:  # refused now, not when the header is first read
+            _check_identity(parent.identity, "parent")
+            _backing_file_name(parent.file_name)
+        self._identity = identity
+        self._parent = parent
+        self._table_clusters = table_clusters
 
     @property
     def size(self) -> int:
         return self._size
+
+    @cached_property
+    def _header(self) -> bytes:
+        # Packed when first read, not when the layout is made: ls -l makes one
+        # per image file for its size.
+        return _header_bytes(
+            virtual_size=self._virtual_size,
+            identity=self._identity,
+            parent=self._parent,
+            l1_entries=self._l1_entries,
+            # qemu writes offset 0 for an empty L1 (a 0-byte disk).
+            l1_offset=self._l1_offset if self._l1_entries else 0,
+            refcount_table_offset=self._refcount_table_offset,
+            refcount_table_clusters=self._table_clusters,
+        )
 
     @cached_property
     def allocated_bytes(self) -> int:

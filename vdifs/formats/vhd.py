@@ -97,19 +97,30 @@ class VhdLayout:
         # BAT entries are u32 sector numbers; this holds up to MAX_VHD_SIZE.
         assert self._footer_offset // SECTOR_SIZE <= c_vhd.BAT_UNUSED
 
-        self._footer = _footer(virtual_size, identity, parent is not None)
-        header = _header(
-            table_offset=self._bat_offset,
-            table_entries=table_entries,
-            parent=parent,
-            locator_data_size=len(locator_data),
-        )
-        # Everything before the BAT is small and fixed: keep it as one piece.
-        self._prologue = self._footer + header + locator_data
+        self._identity = identity
+        self._parent = parent
+        self._locator_data = locator_data
 
     @property
     def size(self) -> int:
         return self._size
+
+    # The footer and header are packed and checksummed when first read, not
+    # when the layout is made: ls -l makes one per image file for its size.
+    @cached_property
+    def _footer(self) -> bytes:
+        return _footer(self._virtual_size, self._identity, self._parent is not None)
+
+    @cached_property
+    def _prologue(self) -> bytes:
+        """Everything before the BAT, small and fixed: one piece."""
+        header = _header(
+            table_offset=self._bat_offset,
+            table_entries=self._table_entries,
+            parent=self._parent,
+            locator_data_size=len(self._locator_data),
+        )
+        return self._footer + header + self._locator_data
 
     @cached_property
     def allocated_bytes(self) -> int:
