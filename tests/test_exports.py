@@ -168,6 +168,56 @@ def test_cli_export_writes_the_same_bytes(cli: Cli, mnt: Mount, tmp_path: Path) 
     assert hashlib.sha256(raw).hexdigest() == sha(mnt.vdi(s2) / "raw.img")
 
 
+def test_small_reads_in_any_order_get_the_right_bytes(
+    cli: Cli, mount_factory: Any, tmp_path: Path
+) -> None:
+    # With direct_io every read() reaches the daemon as it is, and small reads
+    # in order are answered from a megabyte read ahead (vdifs.fs.window).
+    vdi = cli("vdi", "create", "small", "--size", "9M")
+    m = mount_factory("direct_io")
+    assert wait_for(lambda: m.vdi(vdi).exists(), 3)
+    fill(m.vdi(vdi) / "raw.img", 12345, os.urandom(5 * MiB))
+    snap = snapshot(cli, m, vdi)
+    names = ["full.vhd", "full.qcow2", "raw.img"]
+    expected = {}
+    for name in names:
+        fmt = name.rpartition(".")[2].replace("img", "raw")
+        out = tmp_path / name
+        cli("export", snap, str(out), "--format", fmt)
+        expected[name] = out.read_bytes()
+
+    def pieces(fd: int, offset: int, size: int, count: int) -> bytes:
+        return b"".join(os.pread(fd, size, offset + i * size) for i in range(count))
+
+    for name in names:
+        want = expected[name]
+        fd = os.open(m.vdi(snap) / name, os.O_RDONLY)
+        try:
+            # tar's 10 KiB records, to the end and past it (the last one short).
+            got = pieces(fd, 0, 10240, -(-len(want) // 10240) + 2)
+            assert got == want, name
+            # 32 KiB from an odd offset, then back to an earlier offset.
+            assert pieces(fd, 777, 32768, 70) == want[777 : 777 + 70 * 32768], name
+            assert os.pread(fd, 4096, 5000) == want[5000:9096], name
+            assert pieces(fd, 5000 + 4096, 4096, 300) == want[9096 : 9096 + 300 * 4096], name
+            assert os.pread(fd, 100, len(want) - 50) == want[-50:], name
+        finally:
+            os.close(fd)
+
+    # More readers than the daemon keeps windows for, taking turns.
+    want = expected["full.vhd"]
+    fds = [os.open(m.vdi(snap) / "full.vhd", os.O_RDONLY) for _ in range(40)]
+    try:
+        for step in range(0, 3 * MiB, 65536):
+            for n, fd in enumerate(fds):
+                offset = n * 4096 + step
+                assert os.pread(fd, 65536, offset) == want[offset : offset + 65536]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert m.warnings() == [], m.log.read_text()
+
+
 def daemon_rss_peak_kib(mnt: Mount) -> int:
     assert mnt.proc is not None
     status = Path(f"/proc/{mnt.proc.pid}/status").read_text()

@@ -31,6 +31,7 @@ from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
 from vdifs.fs.pipeline import WritePipeline
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
+from vdifs.fs.window import WINDOW, Windows
 from vdifs.livedisk import DIRTY_LIMIT, Fetched, LiveDisk, NeedsFetch
 from vdifs.storage.local import PackPins, WouldBlock
 from vdifs.uploads import Upload, apply_or_explain, still_open_by
@@ -108,6 +109,7 @@ class VdifsOperations(pyfuse3.Operations):
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._handles: dict[int, Handle] = {}
         self._listings: dict[int, tuple[Node, list[tuple[int, str, Node]]]] = {}
+        self._windows = Windows()  # small in-order reads served a megabyte at a time
         self._next_fh = 1
         self._live: dict[str, LiveDisk] = {}
         self._flush_locks: dict[str, trio.Lock] = {}
@@ -363,7 +365,16 @@ class VdifsOperations(pyfuse3.Operations):
         else:
             export = handle.export
             assert export is not None
+            window = self._windows.get(fh, export.size)
+            piece = window.piece(off, size)
+            if piece is not None:
+                return cast(bytes, piece)
+            if window.wants(off, size):
+                data = await nonblocking(lambda nowait: export.read(off, WINDOW, nowait=nowait))
+                window.fill(off, data)
+                return cast(bytes, window.piece(off, size))
             data = await nonblocking(lambda nowait: export.read(off, size, nowait=nowait))
+            window.passed(off, len(data))
         return cast(bytes, data)
 
     @_errors
@@ -473,6 +484,7 @@ class VdifsOperations(pyfuse3.Operations):
     @_errors
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
+        self._windows.drop(fh)
         if handle.pins is not None:
             handle.pins.release()
         if handle.upload is not None:

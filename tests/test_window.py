@@ -1,0 +1,25 @@
+"""Read windows: bounded in number, exact at the file's end."""
+
+from __future__ import annotations
+
+from vdifs.fs.window import SMALL, ReadWindow, Windows
+
+
+def test_windows_keep_at_most_their_limit_least_recent_first() -> None:
+    windows = Windows(limit=3)
+    first = windows.get(1, 100)
+    for fh in (2, 3, 1, 4):
+        windows.get(fh, 100)
+    assert windows.get(1, 100) is first  # used again before 4 came: kept
+    assert len(windows._windows) == 3 and 2 not in windows._windows
+
+
+def test_a_window_answers_only_what_it_holds() -> None:
+    window = ReadWindow(file_size=1000)
+    assert window.wants(0, 100) and not window.wants(0, SMALL)
+    window.fill(0, bytearray(range(256)) * 4)  # 1024 bytes: past the file's end
+    assert window.piece(990, 100) == bytes(window.data[990:1000])  # short at the end
+    assert window.wants(1000, 10)  # the reader went on from there
+    window.fill(500, bytearray(100))
+    assert window.piece(499, 2) is None and window.piece(550, 100) is None
+    assert window.piece(500, 100) == bytes(100)

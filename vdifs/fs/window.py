@@ -1,0 +1,73 @@
+"""A megabyte read at once for readers that ask for small pieces in order.
+
+With ``-o direct_io`` (and for a read-only open of a live ``raw.img``) the
+kernel sends every ``read()`` to the daemon as it is: ``sha256sum`` asks for
+32 KiB at a time, ``tar`` for 10 KiB.  Each request then paid for walking
+the layout and reading the packs on its own.  A :class:`ReadWindow` notices
+a reader asking for small pieces in order, reads the next megabyte at once
+and answers the pieces that follow from it.
+
+A handle's export is immutable (pinned at open), so a window never goes
+stale; it is only ever replaced, never written into, so a piece handed to
+pyfuse3 stays valid however the window moves on.  :class:`Windows` bounds
+the memory: at most ``LIMIT`` windows for the whole daemon, the least
+recently used dropped first (its reader just reads the next megabyte again).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+WINDOW = 1 << 20  # what one read fetches: the size of a direct_io request
+SMALL = 256 << 10  # requests below this, in order, are served from a window
+LIMIT = 32  # windows kept at once (32 MiB)
+
+
+class ReadWindow:
+    """One handle's last megabyte, and where its reader is."""
+
+    def __init__(self, file_size: int) -> None:
+        self.file_size = file_size
+        self.start = 0
+        self.data = bytearray()
+        self.next_offset = 0  # where the reader's last request ended
+
+    def piece(self, offset: int, size: int) -> memoryview | None:
+        """The requested bytes if the window holds them (short at the file's end)."""
+        end = self.start + len(self.data)
+        stop = min(offset + size, self.file_size)
+        if not self.start <= offset <= stop <= end:
+            return None
+        self.next_offset = stop
+        return memoryview(self.data)[offset - self.start : stop - self.start]
+
+    def wants(self, offset: int, size: int) -> bool:
+        """Whether this request continues a reader of small pieces in order."""
+        return size < SMALL and offset == self.next_offset
+
+    def fill(self, offset: int, data: bytearray) -> None:
+        self.start, self.data = offset, data
+
+    def passed(self, offset: int, length: int) -> None:
+        """A request served without the window."""
+        self.next_offset = offset + length
+
+
+class Windows:
+    """The daemon's read windows, by file handle, least recently used first."""
+
+    def __init__(self, limit: int = LIMIT) -> None:
+        self._limit = limit
+        self._windows: OrderedDict[int, ReadWindow] = OrderedDict()
+
+    def get(self, fh: int, file_size: int) -> ReadWindow:
+        window = self._windows.get(fh)
+        if window is None:
+            window = self._windows[fh] = ReadWindow(file_size)
+            while len(self._windows) > self._limit:
+                self._windows.popitem(last=False)
+        self._windows.move_to_end(fh)
+        return window
+
+    def drop(self, fh: int) -> None:
+        self._windows.pop(fh, None)
