@@ -393,7 +393,7 @@ def pattern_reader(offset: int, length: int) -> bytes:
 
 @st.composite
 def allocations(draw: st.DrawFn) -> Allocation:
-    """Up to 1.5 GiB disks (so up to three L2 tables) with a few carried chunks."""
+    """Up to 1.5 GiB disks (so up to three L2 tables) with a few carried chunks and runs."""
     virtual_size = draw(st.integers(0, 3 * 512 * MiB // 512)) * 512
     virtual_clusters = -(-virtual_size // CHUNK_SIZE)
     if virtual_clusters == 0:
@@ -402,6 +402,11 @@ def allocations(draw: st.DrawFn) -> Allocation:
         sorted({0, virtual_clusters - 1, min(8191, virtual_clusters - 1), virtual_clusters // 2})
     )
     chunks = draw(st.lists(st.integers(0, virtual_clusters - 1) | near_edges, max_size=40))
+    # Runs of neighbours too, across block edges (reads serve a run as one Data).
+    for first, count in draw(
+        st.lists(st.tuples(st.integers(0, virtual_clusters - 1), st.integers(1, 70)), max_size=4)
+    ):
+        chunks += range(first, min(first + count, virtual_clusters))
     return allocation_of(virtual_size, chunks)
 
 

@@ -209,16 +209,25 @@ def _data_pieces(
 ) -> Iterator[Segment]:
     """Segments of bytes ``[start, end)`` of one block's data.
 
-    Carried chunks inside the disk are Data, everything else Zero.
+    Carried chunks inside the disk are Data, everything else Zero.  A run of
+    carried chunks (or of absent ones) is one segment: a megabyte read then
+    walks a few runs, not sixteen chunks.
     """
     while start < end:
         chunk = start // CHUNK_SIZE
-        piece_end = min(end, (chunk + 1) * CHUNK_SIZE)
-        data_end = min(piece_end, valid_bytes) if mask >> chunk & 1 else start
-        if data_end > start:
-            yield Data(block_virtual_offset + start, data_end - start)
-        if piece_end > max(data_end, start):
-            yield Zero(piece_end - max(data_end, start))
+        rest = mask >> chunk
+        if rest & 1:
+            run = (~rest & (rest + 1)).bit_length() - 1  # set bits from here on
+            piece_end = min(end, (chunk + run) * CHUNK_SIZE)
+            data_end = min(piece_end, valid_bytes)
+            if data_end > start:
+                yield Data(block_virtual_offset + start, data_end - start)
+            if piece_end > max(data_end, start):
+                yield Zero(piece_end - max(data_end, start))
+        else:
+            run = (rest & -rest).bit_length() - 1 if rest else CHUNKS_PER_BLOCK  # clear bits
+            piece_end = min(end, (chunk + run) * CHUNK_SIZE)
+            yield Zero(piece_end - start)
         start = piece_end
 
 
