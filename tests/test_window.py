@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vdifs.fs.window import SMALL, ReadWindow, Windows
+from vdifs.fs.window import AHEAD, SMALL, WINDOW, ReadWindow, Windows
 
 
 def test_windows_keep_at_most_their_limit_least_recent_first() -> None:
@@ -23,3 +23,10 @@ def test_a_window_answers_only_what_it_holds() -> None:
     window.fill(500, bytearray(100))
     assert window.piece(499, 2) is None and window.piece(550, 100) is None
     assert window.piece(500, 100) == bytes(100)
+
+
+def test_a_window_spans_a_few_requests_at_most_a_megabyte() -> None:
+    # Readers that evict each other's windows then read at most AHEAD times
+    # what they asked for, not a megabyte per 4 KiB.
+    assert ReadWindow.span(4096) == AHEAD * 4096
+    assert ReadWindow.span(SMALL - 1) == WINDOW

@@ -31,7 +31,7 @@ from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
 from vdifs.fs.pipeline import WritePipeline
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
-from vdifs.fs.window import WINDOW, Windows
+from vdifs.fs.window import Windows
 from vdifs.livedisk import DIRTY_LIMIT, Fetched, LiveDisk, NeedsFetch
 from vdifs.storage.local import PackPins, WouldBlock
 from vdifs.uploads import Upload, apply_or_explain, still_open_by
@@ -370,7 +370,8 @@ class VdifsOperations(pyfuse3.Operations):
             if piece is not None:
                 return cast(bytes, piece)
             if window.wants(off, size):
-                data = await nonblocking(lambda nowait: export.read(off, WINDOW, nowait=nowait))
+                span = window.span(size)
+                data = await nonblocking(lambda nowait: export.read(off, span, nowait=nowait))
                 window.fill(off, data)
                 return cast(bytes, window.piece(off, size))
             data = await nonblocking(lambda nowait: export.read(off, size, nowait=nowait))

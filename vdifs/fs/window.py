@@ -1,26 +1,29 @@
-"""A megabyte read at once for readers that ask for small pieces in order.
+"""Reading ahead for readers that ask for small pieces in order.
 
 With ``-o direct_io`` (and for a read-only open of a live ``raw.img``) the
 kernel sends every ``read()`` to the daemon as it is: ``sha256sum`` asks for
 32 KiB at a time, ``tar`` for 10 KiB.  Each request then paid for walking
 the layout and reading the packs on its own.  A :class:`ReadWindow` notices
-a reader asking for small pieces in order, reads the next megabyte at once
-and answers the pieces that follow from it.
+a reader asking for small pieces in order, reads the next ``AHEAD`` of its
+requests at once (at most a megabyte) and answers the pieces that follow
+from it.
 
 A handle's export is immutable (pinned at open), so a window never goes
 stale; it is only ever replaced, never written into, so a piece handed to
 pyfuse3 stays valid however the window moves on.  :class:`Windows` bounds
 the memory: at most ``LIMIT`` windows for the whole daemon, the least
-recently used dropped first (its reader just reads the next megabyte again).
+recently used dropped first (its reader just reads ahead again, so many
+readers at once cost at most ``AHEAD`` times the bytes they ask for).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-WINDOW = 1 << 20  # what one read fetches: the size of a direct_io request
+WINDOW = 1 << 20  # the most one read fetches: the size of a direct_io request
+AHEAD = 16  # a window holds this many of the reader's requests
 SMALL = 256 << 10  # requests below this, in order, are served from a window
-LIMIT = 32  # windows kept at once (32 MiB)
+LIMIT = 32  # windows kept at once (at most 32 MiB)
 
 
 class ReadWindow:
@@ -44,6 +47,13 @@ class ReadWindow:
     def wants(self, offset: int, size: int) -> bool:
         """Whether this request continues a reader of small pieces in order."""
         return size < SMALL and offset == self.next_offset
+
+    @staticmethod
+    def span(size: int) -> int:
+        """Bytes to read for a window: a few requests' worth, not always a
+        megabyte, so that readers that evict each other's windows (more than
+        LIMIT at once) read at most AHEAD times what they asked for."""
+        return min(WINDOW, size * AHEAD)
 
     def fill(self, offset: int, data: bytearray) -> None:
         self.start, self.data = offset, data
