@@ -17,10 +17,13 @@ def test_windows_keep_at_most_their_limit_least_recent_first() -> None:
 def test_a_window_answers_only_what_it_holds() -> None:
     window = ReadWindow(file_size=1000)
     assert window.wants(0, 100) and not window.wants(0, SMALL)
-    window.fill(0, bytearray(range(256)) * 4)  # 1024 bytes: past the file's end
-    assert window.piece(990, 100) == bytes(window.data[990:1000])  # short at the end
-    assert window.wants(1000, 10)  # the reader went on from there
-    window.fill(500, bytearray(100))
+    data = bytearray(range(256)) * 4  # 1024 bytes: past the file's end
+    assert window.fill(0, 10, data) == data[:10]
+    assert window.wants(10, 100)  # the first piece moved the reader on
+    assert window.piece(990, 100) == data[990:1000]  # short at the end
+    assert window.wants(1000, 10)
+    assert window.fill(1000, 10, bytearray()) == b""  # at the end: nothing, not None
+    window.fill(500, 10, bytearray(100))
     assert window.piece(499, 2) is None and window.piece(550, 100) is None
     assert window.piece(500, 100) == bytes(100)
 

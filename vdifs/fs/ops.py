@@ -109,7 +109,7 @@ class VdifsOperations(pyfuse3.Operations):
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._handles: dict[int, Handle] = {}
         self._listings: dict[int, tuple[Node, list[tuple[int, str, Node]]]] = {}
-        self._windows = Windows()  # small in-order reads served a megabyte at a time
+        self._windows = Windows()  # small in-order reads, read ahead
         self._next_fh = 1
         self._live: dict[str, LiveDisk] = {}
         self._flush_locks: dict[str, trio.Lock] = {}
@@ -372,8 +372,7 @@ class VdifsOperations(pyfuse3.Operations):
             if window.wants(off, size):
                 span = window.span(size)
                 data = await nonblocking(lambda nowait: export.read(off, span, nowait=nowait))
-                window.fill(off, data)
-                return cast(bytes, window.piece(off, size))
+                return cast(bytes, window.fill(off, size, data))
             data = await nonblocking(lambda nowait: export.read(off, size, nowait=nowait))
             window.passed(off, len(data))
         return cast(bytes, data)

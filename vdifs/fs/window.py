@@ -27,7 +27,7 @@ LIMIT = 32  # windows kept at once (at most 32 MiB)
 
 
 class ReadWindow:
-    """One handle's last megabyte, and where its reader is."""
+    """One handle's bytes read ahead, and where its reader is."""
 
     def __init__(self, file_size: int) -> None:
         self.file_size = file_size
@@ -55,8 +55,12 @@ class ReadWindow:
         LIMIT at once) read at most AHEAD times what they asked for."""
         return min(WINDOW, size * AHEAD)
 
-    def fill(self, offset: int, data: bytearray) -> None:
+    def fill(self, offset: int, size: int, data: bytearray) -> memoryview:
+        """Hold ``data`` (read at ``offset``); the first ``size`` bytes answer now."""
         self.start, self.data = offset, data
+        first = memoryview(data)[:size]  # data ends where the file does
+        self.next_offset = offset + len(first)
+        return first
 
     def passed(self, offset: int, length: int) -> None:
         """A request served without the window."""
