@@ -24,6 +24,16 @@ CHUNKS_PER_BLOCK = BLOCK_SIZE // CHUNK_SIZE
 FULL_MASK = (1 << CHUNKS_PER_BLOCK) - 1
 
 
+def trailing_zeros(mask: int) -> int:
+    """Clear bits below the lowest set one of a non-zero mask: its first chunk."""
+    return (mask & -mask).bit_length() - 1
+
+
+def trailing_ones(mask: int) -> int:
+    """Set bits from bit 0 up to the first clear one: a run of chunks."""
+    return (~mask & (mask + 1)).bit_length() - 1
+
+
 class NotStreamable(Exception):
     """The image's metadata does not lead the file: parse it whole once it is complete."""
 

@@ -47,6 +47,8 @@ from vdifs.formats.base import (
     Segment,
     Zero,
     coalesce,
+    trailing_ones,
+    trailing_zeros,
 )
 
 CLUSTER_SIZE = c_qcow2.CLUSTER_SIZE
@@ -255,8 +257,7 @@ class Qcow2Layout:
             mask = masks[position]
             ordinal = self._carried_before[position]
             while mask:
-                chunk = (mask & -mask).bit_length() - 1
-                cluster = block_cluster + chunk
+                cluster = block_cluster + trailing_zeros(mask)
                 if first_cluster <= cluster < stop_cluster:
                     data_offset = self._data_offset + ordinal * CLUSTER_SIZE
                     c_qcow2.TABLE_ENTRY.pack_into(
@@ -301,9 +302,8 @@ class Qcow2Layout:
             mask &= mask - 1  # drop the chunks before the ordinal-th
         while True:
             while mask:
-                low = (mask & -mask).bit_length() - 1
-                rest = mask >> low
-                count = (~rest & (rest + 1)).bit_length() - 1  # set bits from ``low`` on
+                low = trailing_zeros(mask)
+                count = trailing_ones(mask >> low)
                 yield blocks[position] * CHUNKS_PER_BLOCK + low, count
                 mask &= ~(((1 << count) - 1) << low)
             position += 1
@@ -358,8 +358,7 @@ def _header_bytes(
     backing_name = b""
     if parent is None:
         identity_data = c_qcow2.VDIFS_IDENTITY_FULL.pack(identity.uuid, identity.timestamp)
-    else:
-        _check_identity(parent.identity, "parent")
+    else:  # the layout checked the parent when it was made
         backing_name = _backing_file_name(parent.file_name)
         extensions += _extension(c_qcow2.EXT_BACKING_FORMAT, c_qcow2.BACKING_FORMAT_QCOW2)
         identity_data = c_qcow2.VDIFS_IDENTITY_DELTA.pack(

@@ -40,6 +40,8 @@ from vdifs.formats.base import (
     Segment,
     Zero,
     coalesce,
+    trailing_ones,
+    trailing_zeros,
 )
 
 BITMAP_SIZE = c_vhd.bitmap_size(BLOCK_SIZE)
@@ -217,7 +219,7 @@ def _data_pieces(
         chunk = start // CHUNK_SIZE
         rest = mask >> chunk
         if rest & 1:
-            run = (~rest & (rest + 1)).bit_length() - 1  # set bits from here on
+            run = trailing_ones(rest)
             piece_end = min(end, (chunk + run) * CHUNK_SIZE)
             data_end = min(piece_end, valid_bytes)
             if data_end > start:
@@ -225,7 +227,7 @@ def _data_pieces(
             if piece_end > max(data_end, start):
                 yield Zero(piece_end - max(data_end, start))
         else:
-            run = (rest & -rest).bit_length() - 1 if rest else CHUNKS_PER_BLOCK  # clear bits
+            run = trailing_zeros(rest) if rest else CHUNKS_PER_BLOCK
             piece_end = min(end, (chunk + run) * CHUNK_SIZE)
             yield Zero(piece_end - start)
         start = piece_end

@@ -361,21 +361,15 @@ class VdifsOperations(pyfuse3.Operations):
         # pyfuse3 replies from any buffer: the bytearray goes out without a copy.
         if handle.live is not None:
             live = handle.live
-            data = await on_live_disk(lambda fetched: live.read(off, size, fetched))
-        else:
-            export = handle.export
-            assert export is not None
-            window = self._windows.get(fh, export.size)
-            piece = window.piece(off, size)
-            if piece is not None:
-                return cast(bytes, piece)
-            if window.wants(off, size):
-                span = window.span(size)
-                data = await nonblocking(lambda nowait: export.read(off, span, nowait=nowait))
-                return cast(bytes, window.fill(off, size, data))
-            data = await nonblocking(lambda nowait: export.read(off, size, nowait=nowait))
-            window.passed(off, len(data))
-        return cast(bytes, data)
+            return cast(bytes, await on_live_disk(lambda fetched: live.read(off, size, fetched)))
+        export = handle.export
+        assert export is not None
+
+        async def read_at(offset: int, length: int) -> bytearray:
+            return await nonblocking(lambda nowait: export.read(offset, length, nowait=nowait))
+
+        # Small reads in order are served from bytes read ahead (vdifs.fs.window).
+        return cast(bytes, await self._windows.get(fh, export.size).read(off, size, read_at))
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -19,6 +19,7 @@ readers at once cost at most ``AHEAD`` times the bytes they ask for).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 WINDOW = 1 << 20  # the most one read fetches: the size of a direct_io request
 AHEAD = 16  # a window holds this many of the reader's requests
@@ -34,6 +35,19 @@ class ReadWindow:
         self.start = 0
         self.data = bytearray()
         self.next_offset = 0  # where the reader's last request ended
+
+    async def read(
+        self, offset: int, size: int, read_at: Callable[[int, int], Awaitable[bytearray]]
+    ) -> bytearray | memoryview:
+        """The bytes at ``offset``: from the window, by reading ahead, or as asked."""
+        piece = self.piece(offset, size)
+        if piece is not None:
+            return piece
+        if self.wants(offset, size):
+            return self.fill(offset, size, await read_at(offset, self.span(size)))
+        data = await read_at(offset, size)
+        self.next_offset = offset + len(data)
+        return data
 
     def piece(self, offset: int, size: int) -> memoryview | None:
         """The requested bytes if the window holds them (short at the file's end)."""
@@ -61,10 +75,6 @@ class ReadWindow:
         first = memoryview(data)[:size]  # data ends where the file does
         self.next_offset = offset + len(first)
         return first
-
-    def passed(self, offset: int, length: int) -> None:
-        """A request served without the window."""
-        self.next_offset = offset + length
 
 
 class Windows:
