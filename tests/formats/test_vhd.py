@@ -470,16 +470,17 @@ def test_chain_structure(chain: list[tuple[Path, Path, VhdLayout, list[int]]]) -
         used = [entry for entry in bat if entry != c_vhd.BAT_UNUSED]
         assert used == sorted(used)
         assert len(used) == len({c // CHUNKS_PER_BLOCK for c in chunks})
-        # Every bitmap marks exactly the differing chunks' sectors.
+        # A delta carries whole blocks (as vhd-tool does): every sector inside the
+        # disk is marked, whichever chunks of the block differ.
         virtual_size = vhd.with_name(f"state{generation}.raw").stat().st_size
         for block, entry in enumerate(bat):
             if entry == c_vhd.BAT_UNUSED:
                 continue
             bitmap = image[entry * 512 : entry * 512 + 512]
+            assert any(c // CHUNKS_PER_BLOCK == block for c in chunks)
             for bit in range(CHUNKS_PER_BLOCK):
-                chunk = block * CHUNKS_PER_BLOCK + bit
-                span = chunk_range(virtual_size, chunk)
-                sectors = max(0, span.stop - span.start) // 512 if chunk in chunks else 0
+                span = chunk_range(virtual_size, block * CHUNKS_PER_BLOCK + bit)
+                sectors = max(0, span.stop - span.start) // 512
                 expected = b"\xff" * (sectors // 8) + bytes([0xFF00 >> (sectors % 8) & 0xFF])
                 assert bitmap[bit * 16 : bit * 16 + 16] == expected[:16].ljust(16, b"\0")
 
@@ -500,10 +501,12 @@ def test_chain_parent_fields_in_vhdiinfo(
 def test_delta_in_qemu_is_the_carried_chunks(
     chain: list[tuple[Path, Path, VhdLayout, list[int]]],
 ) -> None:
-    """qemu ignores parents and bitmaps: a delta must hold zeros off its chunks."""
+    """qemu ignores parents and bitmaps: a delta holds its blocks whole, zeros elsewhere."""
     for vhd, raw, _, chunks in chain[1:]:
+        blocks = {c // CHUNKS_PER_BLOCK for c in chunks}
+        whole = [b * CHUNKS_PER_BLOCK + c for b in sorted(blocks) for c in range(CHUNKS_PER_BLOCK)]
         expected = raw.with_suffix(".masked")
-        expected.write_bytes(masked(raw.read_bytes(), chunks))
+        expected.write_bytes(masked(raw.read_bytes(), whole))
         assert qemu_info(vhd)["virtual-size"] == raw.stat().st_size
         compared = qemu_compare(vhd, expected)
         assert compared.returncode == 0, compared.stdout + compared.stderr

@@ -84,6 +84,18 @@ class Allocation:
     def chunk_count(self) -> int:
         return sum(mask.bit_count() for mask in self.masks)
 
+    def whole_blocks(self) -> Allocation:
+        """The same blocks, each carried whole: every chunk of it inside the disk."""
+        disk_chunks = -(-self.virtual_size // CHUNK_SIZE)
+        masks = array(
+            "L",
+            (
+                (1 << max(0, min(CHUNKS_PER_BLOCK, disk_chunks - block * CHUNKS_PER_BLOCK))) - 1
+                for block in self.blocks
+            ),
+        )
+        return Allocation(self.virtual_size, self.blocks, masks)
+
 
 @dataclass(frozen=True)
 class ImageIdentity:

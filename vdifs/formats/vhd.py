@@ -13,9 +13,13 @@ The file is laid out in one forward order, like XAPI's vhd-tool stream
 
 Every offset is arithmetic on the number of carried blocks, so a read of any
 range costs a bisect on ``allocation.blocks`` plus the pieces it returns.
-Unlike vhd-tool, the sector bitmap marks only the sectors of carried chunks:
-a delta then overrides its parent exactly where the allocation says, and the
-rest of a block reads through (or as zero for a full image).
+
+A differencing VHD carries each of its blocks whole, every sector bit set, as
+XAPI's vhd-tool writes them: Xen Orchestra's vhd-lib reads, merges and
+restores a chain block by block and never looks at a bitmap, so a block
+carried in part would lose its parent's sectors there (docs/dev-formats-vhd.md).
+A dynamic VHD marks only the sectors of carried chunks; the rest of its
+blocks hold zeros, which is what every reader, bitmap or not, then sees.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ class VhdLayout:
                 f"{c_vhd.MAX_VHD_SIZE} bytes (2040 GiB)"
             )
         _check_uuid(identity.uuid, "image")
+        if parent is not None:
+            allocation = allocation.whole_blocks()
         table_entries = -(-virtual_size // BLOCK_SIZE)
         blocks = allocation.blocks
         if blocks and blocks[-1] >= table_entries:
