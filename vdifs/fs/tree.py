@@ -14,12 +14,13 @@ opened.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import stat
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
@@ -71,21 +72,55 @@ def escape_name(name: str) -> str:
     return name.replace("%", "%25").replace("/", "%2F")
 
 
-def display_names(items: Iterable[tuple[str, str]], reserved: Iterable[str] = ()) -> dict[str, str]:
-    """File names for ``(name_label, uuid)`` pairs: repeated names get ``~uuid8``.
+NAME_MAX = 255  # bytes in a file name (Linux)
 
-    Derived, never stored, so the same records always give the same names.
+
+def display_names(items: Iterable[tuple[str, str]], reserved: Iterable[str] = ()) -> dict[str, str]:
+    """File names for ``(name_label, uuid)`` pairs: one each, unique, at most 255 bytes.
+
+    A name held by one item only is shown as is.  Repeated (or reserved, or
+    too long) names get ``~`` and the first 8 characters of the uuid, or the
+    whole uuid where that is taken too (a VDI may itself be named
+    ``dup~1234abcd``), and finally a counter.  Derived, never stored: the
+    same records always give the same names.
     """
-    pairs = list(items)
-    counts = Counter(escape_name(name) for name, _ in pairs)
-    taken = set(reserved)
+    pairs = sorted((escape_name(name), uuid) for name, uuid in items)
+    counts = Counter(shown for shown, _ in pairs)
     out: dict[str, str] = {}
-    for name, uuid in pairs:
-        shown = escape_name(name)
-        if counts[shown] > 1 or shown in taken:
-            shown = f"{shown}~{uuid[:8]}"
-        out[shown] = uuid
+    taken = set(reserved)
+    suffixed: list[tuple[str, str]] = []
+    for shown, uuid in pairs:
+        if counts[shown] == 1 and shown not in taken and _fits(shown):
+            out[shown] = uuid
+        else:
+            suffixed.append((shown, uuid))
+    taken |= out.keys()
+    for shown, uuid in suffixed:
+        for suffix in _suffixes(uuid):
+            candidate = _clip(shown, NAME_MAX - len(suffix)) + suffix
+            if candidate not in taken:
+                taken.add(candidate)
+                out[candidate] = uuid
+                break
     return out
+
+
+def _fits(name: str) -> bool:
+    return len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
+
+
+def _clip(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes of UTF-8, on a character boundary."""
+    while not len(name.encode("utf-8", "surrogateescape")) <= limit:
+        name = name[:-1]
+    return name
+
+
+def _suffixes(uuid: str) -> Iterator[str]:
+    yield f"~{uuid[:8]}"
+    yield f"~{uuid}"
+    for n in itertools.count(2):
+        yield f"~{uuid}~{n}"
 
 
 def _json(data: Any) -> bytes:
