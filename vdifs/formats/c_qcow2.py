@@ -3,7 +3,8 @@
 Source: qemu ``docs/interop/qcow2.txt`` (sections "Header", "Header
 extensions", "Host cluster management", "Cluster mapping"), qemu
 ``block/qcow2.h`` for the limits qemu enforces, and
-``/work/shared/reference/formats-xapi.md`` §4 for what XAPI's
+xapi-project/xen-api ``python3/libexec/qcow2-to-stdout.py`` and mirage/ocaml-qcow
+``lib/qcow_stream.ml`` (``stream_decode``) for what XAPI's
 qcow2-to-stdout writes and qcow-stream-tool accepts.  This module holds names
 and tiny helpers only; the encoder is :mod:`vdifs.formats.qcow2` and the import
 parser :mod:`vdifs.formats.qcow2_parse`.

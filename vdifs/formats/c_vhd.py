@@ -2,8 +2,8 @@
 
 Source: Microsoft "Virtual Hard Disk Image Format Specification" 1.0
 (footer: "Hard Disk Footer Format"; header: "Dynamic Disk Header Format";
-geometry: "Appendix: CHS Calculation"), and the notes in
-``/work/shared/reference/formats-xapi.md`` §0 for what XAPI's vhd-tool and
+geometry: "Appendix: CHS Calculation"), and xapi-project/xen-api
+``ocaml/libs/vhd/vhd_format/f.ml`` and qemu/qemu ``block/vpc.c`` for what XAPI's vhd-tool and
 qemu write.  This module holds names and tiny helpers only; the encoder is
 :mod:`vdifs.formats.vhd` and the import parser :mod:`vdifs.formats.vhd_parse`.
 """

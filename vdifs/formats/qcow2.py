@@ -1,7 +1,7 @@
 """qcow2 (version 3) images computed lazily from an allocation.
 
 The file is laid out in one forward order, all metadata before all data, like
-XAPI's qcow2-to-stdout (reference formats-xapi.md §4.1), so XCP-ng's
+XAPI's qcow2-to-stdout (xapi-project/xen-api ``python3/libexec/qcow2-to-stdout.py``), so XCP-ng's
 qcow-stream-tool can read it as a stream::
 
     cluster 0              header, header extensions, backing file name

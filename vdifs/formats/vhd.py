@@ -1,7 +1,8 @@
 """Dynamic and differencing VHD images computed lazily from an allocation.
 
 The file is laid out in one forward order, like XAPI's vhd-tool stream
-(reference formats-xapi.md §1.3), so a streaming importer can consume it::
+(xapi-project/xen-api ``ocaml/libs/vhd/vhd_format/f.ml`` ``Vhd_input.vhd_common``), so a
+streaming importer can consume it::
 
     0                 footer copy (512)
     512               dynamic header (1024)
