@@ -131,7 +131,7 @@ def test_references_inside_images_are_never_opened(cli: Cli, mnt: Mount, tmp_pat
     # A raw upload that starts with a qcow2 header with a backing file stays raw.
     data = shadow.read_bytes()
     raw = tmp_path / "looks-like-qcow2.raw"
-    raw.write_bytes(data)
+    raw.write_bytes(data.ljust(8 * MiB, b"\0"))  # a raw image is exactly the disk's size
     assert (
         subprocess.run(["cp", str(raw), str(mnt.path / "import" / f"{target}.raw")]).returncode == 0
     )

@@ -8,6 +8,7 @@ identically by both; a refusal leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import subprocess
@@ -71,7 +72,34 @@ def seeds(sr: LocalSR, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tu
             check=True,
         )
         out[name] = (fmt, (tmp / name).read_bytes())
+    # Files that are two things at once, made by qemu-img: a fixed VHD whose
+    # data begins with a dynamic VHD (an LV holding a VHD), and qcow2 images
+    # with a fixed VHD's footer appended (a polyglot), under either extension.
+    inner = out["qemu.vhd"][1]
+    (tmp / "inner.raw").write_bytes(inner.ljust(len(inner) + 4 * MiB, b"\0"))
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on",
+         tmp / "inner.raw", tmp / "holder.vhd"],
+        check=True,
+    )  # fmt: skip
+    out["fixed-holding-a-vhd.vhd"] = ("vhd", (tmp / "holder.vhd").read_bytes())
+    for name in ("qemu.qcow2", "vdifs.qcow2"):
+        qcow2 = out[name][1]
+        padded = qcow2.ljust(-(-len(qcow2) // 512) * 512, b"\0")
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on",
+             tmp / "footer.vhd", str(len(padded))],
+            check=True,
+        )  # fmt: skip
+        polyglot = padded + (tmp / "footer.vhd").read_bytes()[-512:]
+        out[f"polyglot-{name}"] = ("qcow2", polyglot)
+        out[f"polyglot-{name}.vhd"] = ("vhd", polyglot)
     return out
+
+
+REFUSED = {"fixed-holding-a-vhd.vhd"} | {
+    f"polyglot-{name}{ext}" for name in ("qemu.qcow2", "vdifs.qcow2") for ext in ("", ".vhd")
+}
 
 
 def disk_bytes(sr: LocalSR, uuid: str) -> bytes:
@@ -80,7 +108,11 @@ def disk_bytes(sr: LocalSR, uuid: str) -> bytes:
     return bytes(export.read(0, export.size))
 
 
-def whole(sr: LocalSR, fmt: str, image: bytes) -> bytes | None:
+Outcome = tuple[int, bytes | None]
+"""An import's verdict: the errno (0 for success) and the disk it made."""
+
+
+def whole(sr: LocalSR, fmt: str, image: bytes) -> Outcome:
     try:
         result = run_import(
             sr,
@@ -91,12 +123,12 @@ def whole(sr: LocalSR, fmt: str, image: bytes) -> bytes | None:
             target=None,
             new_name="whole",
         )
-    except VdifsError:
-        return None
-    return disk_bytes(sr, result.target)
+    except VdifsError as exc:
+        return exc.errno, None
+    return 0, disk_bytes(sr, result.target)
 
 
-def streamed(sr: LocalSR, fmt: str, image: bytes, pieces: list[int]) -> bytes | None:
+def streamed(sr: LocalSR, fmt: str, image: bytes, pieces: list[int]) -> Outcome:
     """Feed an upload as the mount does (accept, then store) and close it."""
     upload = Uploads(sr).create(f"streamed.{fmt}", os.getpid())
     try:
@@ -109,10 +141,10 @@ def streamed(sr: LocalSR, fmt: str, image: bytes, pieces: list[int]) -> bytes | 
         result = upload.apply()
     except VdifsError as exc:
         upload.abandon(exc)
-        return None
+        return exc.errno, None
     finally:
         upload.discard()
-    return disk_bytes(sr, result.target)
+    return 0, disk_bytes(sr, result.target)
 
 
 def test_uploads_stream_and_match_whole_imports(
@@ -120,7 +152,12 @@ def test_uploads_stream_and_match_whole_imports(
 ) -> None:
     for name, (fmt, image) in seeds.items():
         expected = whole(sr, fmt, image)
-        assert expected is not None, name
+        if name in REFUSED:  # the same verdict whichever way the file arrives
+            assert expected == (errno.EINVAL, None), name
+            for pieces in ([MiB], [4096, 70_000, 1], [len(image)]):
+                assert streamed(sr, fmt, image, pieces) == expected, (name, pieces)
+            continue
+        assert expected[0] == 0, name
         upload = Uploads(sr).create(f"probe.{fmt}", os.getpid())
         for offset in range(0, len(image), MiB):
             upload.accept(offset, len(image[offset : offset + MiB]))
@@ -158,7 +195,7 @@ def test_hostile_uploads_stream_like_whole_imports(
     files_before = sorted(p.name for p in (sr.path / "packs").iterdir())
     expected = whole(sr, fmt, bytes(image))
     assert streamed(sr, fmt, bytes(image), pieces) == expected
-    if expected is None:  # refused by both: no pack left behind
+    if expected[1] is None:  # refused by both: no pack left behind
         assert sorted(p.name for p in (sr.path / "packs").iterdir()) == files_before
 
 

@@ -263,6 +263,11 @@ def cmd_vdi_destroy(sr: LocalSR, args: argparse.Namespace) -> None:
     sr.destroy(resolve_vdi(sr, args.vdi).uuid)
 
 
+def cmd_vdi_resize(sr: LocalSR, args: argparse.Namespace) -> None:
+    record = sr.resize(resolve_vdi(sr, args.vdi).uuid, parse_size(args.size))
+    print(record.virtual_size)
+
+
 def cmd_vdi_rename(sr: LocalSR, args: argparse.Namespace) -> None:
     sr.set_name(resolve_vdi(sr, args.vdi).uuid, args.name)
 
@@ -486,6 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the clone's name_label (default: the source's)")
     p = add(vdi_sub, "destroy", cmd_vdi_destroy, "destroy a VDI (its snapshots stay)")
     p.add_argument("vdi", help="uuid")
+    p = add(
+        vdi_sub,
+        "resize",
+        cmd_vdi_resize,
+        "grow a VDI (XAPI VDI.resize); its snapshots keep their size; prints the new size",
+    )
+    p.add_argument("vdi", help="uuid (or an unambiguous name)")
+    p.add_argument("size", help="the new virtual size: bytes or K/M/G/T (binary), not smaller")
     p = add(vdi_sub, "rename", cmd_vdi_rename, "set a VDI's name_label")
     p.add_argument("vdi", help="uuid (or an unambiguous name)")
     p.add_argument("name", help="new name_label")

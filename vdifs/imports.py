@@ -30,7 +30,9 @@ from vdifs.errors import (
     VdifsError,
     WrongBase,
 )
-from vdifs.formats.base import CHUNK_SIZE
+from vdifs.formats import c_qcow2
+from vdifs.formats.base import CHUNK_SIZE, SECTOR_SIZE
+from vdifs.formats.vhd_parse import is_vhd_footer
 from vdifs.storage.blockmap import BlockMap
 from vdifs.storage.local import ChunkWriter, LocalSR, VdiRecord, safe_text, utc_iso
 
@@ -61,6 +63,8 @@ class ParsedImage(Protocol):
     def parent_identity(self) -> bytes | None: ...
     @property
     def parent_name(self) -> str | None: ...
+    @property
+    def geometry_slack(self) -> int: ...
     def writes(self) -> Iterator[Any]: ...
 
 
@@ -156,6 +160,15 @@ class Applier:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
+        limit = self.writer.virtual_size
+        if offset + len(view) > limit:
+            # An image a little larger than its disk (VHD geometry rounding):
+            # what lies past the disk's end must be zeros.
+            keep = max(0, limit - offset)
+            if bytes(view[keep:]) != bytes(len(view) - keep):
+                raise TooLarge(f"the image holds data past the disk's end at byte {limit}")
+            self.bytes_applied += len(view) - keep
+            view = view[:keep]
         pos = 0
         while pos < len(view):
             chunk, within = divmod(offset + pos, CHUNK_SIZE)
@@ -266,8 +279,10 @@ class ImportJob:
         new_name: str | None = None,
         force: bool = False,
         received: int = 0,
+        data_written: bool = True,
     ) -> None:
         self.sr = sr
+        self.data_written = data_written  # False: only a size was set (truncate)
         self.name = name
         self.fmt = fmt
         self.target = target
@@ -278,6 +293,7 @@ class ImportJob:
         self.writer: ChunkWriter | None = None
         self._applier: Applier | None = None
         self.finished = False
+        self.notes: list[str] = []  # what the status record should say besides the outcome
 
     @property
     def applier(self) -> Applier:
@@ -303,10 +319,7 @@ class ImportJob:
             record, target_map = sr.snapshot_state(target)
             if record.is_a_snapshot:
                 raise ReadOnly(f"VDI {target} is a snapshot: it cannot be imported into")
-            if image_size > record.virtual_size:
-                raise TooLarge(
-                    f"{name} holds {image_size} bytes but VDI {target} has {record.virtual_size}"
-                )
+            grow_to = self._check_size(parsed, image_size, record)
             if is_delta and not self.force:
                 assert parsed is not None
                 check_base(sr, record, target_map, parsed, name)
@@ -314,11 +327,53 @@ class ImportJob:
             replace = parsed is not None and not is_delta
             writer = ChunkWriter(sr, target, replace=replace, direct=True)
             writer.expect_generation = record.generation
+            if grow_to is not None:
+                writer.grow(grow_to)
             base_map = None if replace else target_map
+        if not self.data_written and image_size:
+            # A size alone (truncate, or cp of an image that is all holes) would
+            # zero the disk: refused rather than guessed at.
+            raise InvalidArgument(
+                f"nothing was written into {name}, only its size was set (a truncate?):"
+                " an upload carries the image's bytes"
+            )
         writer.import_identity = parsed.identity if parsed is not None else None
         writer.import_name = PurePosixPath(name).name
         self.writer = writer
         self._applier = Applier(sr, writer, base_map)
+
+    def _check_size(
+        self, parsed: ParsedImage | None, image_size: int, record: VdiRecord
+    ) -> int | None:
+        """Refuse an image whose size does not fit the disk; the size to grow it to, if any."""
+        disk_size = record.virtual_size
+        sizes = f"{self.name} holds {image_size} bytes but VDI {record.uuid} has {disk_size}"
+        if parsed is None and image_size != disk_size:
+            # A raw file has no trailer: its size is the only sign that the copy was whole.
+            if image_size > disk_size:
+                raise TooLarge(sizes)
+            raise InvalidArgument(
+                f"{sizes}: a raw image must be exactly the disk's size (a shorter file may be"
+                " a copy cut short)"
+            )
+        if image_size <= disk_size:
+            return None
+        assert parsed is not None
+        if parsed.is_delta:
+            # The disk was resized between the base and this delta (VDI.resize).
+            self.notes.append(
+                f"VDI {record.uuid} grew from {disk_size} to {image_size} bytes:"
+                " the delta's disk had been resized"
+            )
+            return image_size
+        if image_size - disk_size < parsed.geometry_slack:
+            self.notes.append(
+                f"the image's size, {image_size} bytes, is its CHS geometry rounded up"
+                f" {image_size - disk_size} bytes past the disk's end (qemu-img without"
+                " force_size); nothing past the disk's end held data"
+            )
+            return None
+        raise TooLarge(sizes)
 
     def commit(self, received: int | None = None) -> ImportResult:
         writer = self.writer
@@ -328,7 +383,16 @@ class ImportJob:
         self.finished = True
         seconds = time.monotonic() - self.started
         _record_end(
-            self.sr, self.id, "done", None, 0, writer.chunks_written, seconds, record.uuid, received
+            self.sr,
+            self.id,
+            "done",
+            None,
+            0,
+            writer.chunks_written,
+            seconds,
+            record.uuid,
+            received,
+            "; ".join(self.notes) or None,
         )
         log.info(
             "import %s into %s: %d chunks in %.2f s",
@@ -375,13 +439,24 @@ def run_import(
     new_name: str | None = None,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    data_written: bool = True,
 ) -> ImportResult:
     """Validate and apply one whole image; record the outcome whatever it is."""
     job = ImportJob(
-        sr, name=name, fmt=fmt, target=target, new_name=new_name, force=force, received=size
+        sr,
+        name=name,
+        fmt=fmt,
+        target=target,
+        new_name=new_name,
+        force=force,
+        received=size,
+        data_written=data_written,
     )
     try:
         parsed = parse_image(fmt, read_at, size)
+        if parsed is not None:
+            tail = read_at(size - SECTOR_SIZE, SECTOR_SIZE) if size >= SECTOR_SIZE else b""
+            refuse_polyglot(fmt, read_at(0, SECTOR_SIZE), tail)
         job.prepare(parsed, size if parsed is None else parsed.virtual_size)
         if parsed is None:
             for offset in range(0, size, READ_PIECE):
@@ -406,6 +481,29 @@ def _apply_writes(
         apply_write(applier, write, read_at, parsed.virtual_size)
         if progress and write.file_offset is not None:
             progress(write.file_offset + write.length)
+
+
+def refuse_polyglot(fmt: str, first_sector: bytes, last_sector: bytes) -> None:
+    """Refuse a file that is a valid image in both formats: it reads as two disks.
+
+    A qcow2 image with a fixed VHD's footer appended, or a fixed VHD whose
+    data starts with a qcow2 header, means different bytes to different
+    readers; like OpenStack's format inspector, vdifs accepts neither.
+    """
+    if fmt == "qcow2" and is_vhd_footer(last_sector):
+        raise MalformedImage(
+            "the file is a qcow2 image that also ends with a VHD footer: it reads as two"
+            " different disks; refused"
+        )
+    if (
+        fmt == "vhd"
+        and first_sector[:4] == c_qcow2.MAGIC
+        and int.from_bytes(first_sector[4:8], "big") in (c_qcow2.VERSION_2, c_qcow2.VERSION_3)
+    ):
+        raise MalformedImage(
+            "the file is a fixed VHD whose data starts with a qcow2 header: it reads as two"
+            " different disks; refused (import its data as raw if that disk is what you mean)"
+        )
 
 
 def check_inside(write: ImageWrite, limit: int) -> None:
@@ -458,13 +556,14 @@ def _record_end(
     seconds: float,
     target: str | None = None,
     received: int | None = None,
+    notes: str | None = None,
 ) -> None:
     try:
         with sr.transaction() as db:
             db.execute(
                 "UPDATE imports SET state = ?, error = ?, errno = ?, chunks_applied = ?,"
                 " finished = ?, seconds = ?, target = COALESCE(?, target),"
-                " bytes_received = COALESCE(?, bytes_received) WHERE id = ?",
+                " bytes_received = COALESCE(?, bytes_received), notes = ? WHERE id = ?",
                 (
                     state,
                     error,
@@ -474,6 +573,7 @@ def _record_end(
                     seconds,
                     target,
                     received,
+                    notes,
                     import_id,
                 ),
             )
@@ -506,7 +606,7 @@ def record_not_applied(
 def import_status(sr: LocalSR, limit: int = 50) -> list[dict[str, Any]]:
     rows = sr.db.execute(
         "SELECT id, name, target, format, state, error, errno, bytes_received, chunks_applied,"
-        " started, finished, seconds FROM imports ORDER BY id DESC LIMIT ?",
+        " started, finished, seconds, notes FROM imports ORDER BY id DESC LIMIT ?",
         (limit,),
     ).fetchall()
     keys = (
@@ -522,10 +622,13 @@ def import_status(sr: LocalSR, limit: int = 50) -> list[dict[str, Any]]:
         "started",
         "finished",
         "seconds",
+        "notes",
     )
     out = []
     for row in rows:
         item = dict(zip(keys, row, strict=True))
+        if item["notes"] is None:
+            del item["notes"]
         if item["errno"]:
             item["errno_name"] = errno_module.errorcode.get(item["errno"], str(item["errno"]))
         out.append(item)

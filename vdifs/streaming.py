@@ -43,7 +43,14 @@ from vdifs.formats.qcow2_parse import streamed_size as qcow2_streamed_size
 from vdifs.formats.vhd_parse import BlockSpan, ParsedImage, parse_vhd, streamed_size
 from vdifs.formats.vhd_parse import Write as VhdWrite
 from vdifs.formats.vhd_parse import metadata_length as vhd_metadata_length
-from vdifs.imports import ImageWrite, ImportJob, ImportResult, apply_write, check_inside
+from vdifs.imports import (
+    ImageWrite,
+    ImportJob,
+    ImportResult,
+    apply_write,
+    check_inside,
+    refuse_polyglot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,7 @@ class _Head(Exception):
 
 
 _ZEROS = memoryview(bytes(1 << 20))
+SECTOR_SIZE = c_vhd.SECTOR_SIZE
 
 
 class ImageStream:
@@ -86,6 +94,8 @@ class ImageStream:
         self.job: ImportJob | None = None
         self.applied_any = False  # past this, falling back to staging is impossible
         self.staged_end = 0  # staged bytes lie below this offset
+        self.tail = b""  # the last sector fed, ending at tail_end: a polyglot's VHD footer?
+        self.tail_end = 0
 
     @property
     def active(self) -> bool:
@@ -148,10 +158,25 @@ class ImageStream:
             while self.pos < offset and self.active:
                 # Skipped bytes are zeros (rsync --inplace writes only what differs).
                 self._take(_ZEROS[: min(len(_ZEROS), offset - self.pos)])
+            self._remember_tail(offset, data)
             self._take(memoryview(data))
         except VdifsError as exc:
             self._fail(exc)
             raise
+
+    def _remember_tail(self, offset: int, data: bytes) -> None:
+        """Keep the sector that ends the file so far (fed in order, gaps as zeros)."""
+        if len(data) >= SECTOR_SIZE:
+            self.tail = bytes(data[-SECTOR_SIZE:])
+        else:
+            gap = bytes(min(SECTOR_SIZE, max(0, offset - self.tail_end)))
+            self.tail = (self.tail + gap + bytes(data))[-SECTOR_SIZE:]
+        self.tail_end = offset + len(data)
+
+    def last_sector(self, size: int) -> bytes:
+        """The file's last sector once it is ``size`` bytes (fed in order up to there)."""
+        padded = self.tail + bytes(min(SECTOR_SIZE, max(0, size - self.tail_end)))
+        return padded[-SECTOR_SIZE:] if size >= SECTOR_SIZE else b""
 
     def _behind(self, offset: int) -> None:
         if self.applied_any:
@@ -462,3 +487,4 @@ class Qcow2Stream(ImageStream):
             raise MalformedImage(
                 f"the qcow2 image ended at byte {size} before all its data had arrived"
             )
+        refuse_polyglot("qcow2", b"", self.last_sector(size))

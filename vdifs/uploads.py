@@ -10,6 +10,25 @@ name (rsync's temporary file).  Applying is blocking work: the adapter runs
 One import per target: a per-target ``flock`` in ``staging/`` is held from
 the moment an upload names a target until it is applied or discarded, so a
 second upload (or a concurrent ``vdifs import``) gets EBUSY.
+
+One writer per upload: a second open for writing of a name that is being
+written gets EBUSY, and the first upload goes on unharmed.
+
+An upload name is used once.  A refused upload leaves ``import/`` at once; an
+applied one leaves an empty stub for :data:`SETTLED_SECONDS`, so that tools
+which stat or set the times of the file after closing it (``rsync
+--inplace``) succeed.  The stub holds nothing: writing into it, with or
+without ``O_TRUNC``, starts a new upload from zero bytes.  Opened without
+``O_TRUNC`` (``truncate``, ``cat >>``, ``dd conv=notrunc``, ``rsync
+--inplace``), the new upload must write the file's first bytes or it is
+refused: so what was applied is never applied again with holes as zeros,
+while ``rsync --inplace`` of a whole image works.  Opening the stub for
+writing and closing it unwritten (``touch``) leaves it as it was.
+
+Every upload carries a whole image, its holes being zeros, and a raw file
+must be exactly the disk's size (:mod:`vdifs.imports`): separate ``dd
+conv=notrunc`` runs into one name never add up to a disk (write into a live
+VDI's ``raw.img`` to change part of a disk).
 """
 
 from __future__ import annotations
@@ -133,7 +152,11 @@ class Upload:
     lock_fd: int | None = None
     size: int = 0
     handles: int = 0
-    dirty: bool = False
+    write_handles: int = 0  # at most one: a second writer gets EBUSY
+    dirty: bool = False  # an attempt to apply at close (created, written or truncated)
+    start_written: bool = False  # byte 0 was written
+    any_written: bool = False  # some bytes were written, not only a size set
+    reopened: bool = False  # an applied name reopened without O_TRUNC: must write byte 0
     applied: bool = False
     writers: set[int] = field(default_factory=set)
     mtime_ns: int = field(default_factory=time.time_ns)
@@ -166,6 +189,8 @@ class Upload:
             raise TooLarge(f"an upload may not exceed {MAX_UPLOAD_SIZE} bytes")
         self.size = max(self.size, offset + length)
         self.dirty = True
+        self.start_written = self.start_written or (offset == 0 and length > 0)
+        self.any_written = self.any_written or length > 0
         self.mtime_ns = time.time_ns()
 
     def store(self, offset: int, data: bytes) -> None:
@@ -196,17 +221,18 @@ class Upload:
 
     def read(self, offset: int, length: int) -> bytes:
         length = min(length, max(0, self.size - offset))
-        if self.settled_ns is not None:
-            return bytes(length)  # its data went into the VDI; the entry is a stub
-        return os.pread(self.fd, length, offset)
+        return os.pread(self.fd, length, offset) if length else b""
 
     def truncate(self, size: int) -> None:
+        if self.settled_ns is not None:
+            raise Busy(f"{self.name} was applied: write a new file to import again")
         if size > MAX_UPLOAD_SIZE:
             raise TooLarge(f"an upload may not exceed {MAX_UPLOAD_SIZE} bytes")
         if self.stream is not None:
             self.stream.truncated_to(size)
         os.ftruncate(self.fd, size)
         self.size = size
+        self.start_written = self.start_written and size > 0
         self.dirty = True
         self.mtime_ns = time.time_ns()
 
@@ -220,6 +246,17 @@ class Upload:
         assert self.request is not None
         self.applied = True
         request = self.request
+        if self.reopened and not self.start_written:
+            # An applied name opened again without O_TRUNC and written elsewhere than
+            # at its start (truncate, cat >>, dd conv=notrunc): never a new image,
+            # and applying its holes as zeros would wipe the disk.
+            error = InvalidArgument(
+                f"{self.name} was already applied; it was opened again and its first bytes"
+                " were not written (a truncate, an append or a dd into part of the file?):"
+                " an upload carries a whole image; write part of a disk into its raw.img"
+            )
+            record_not_applied(self.sr, self.name, request, self.size, str(error), error.errno)
+            raise error
         stream = self.stream
         if stream is not None and stream.state in ("streaming", "failed"):
             return stream.finish(self.size, file_reader(self.fd))
@@ -233,6 +270,7 @@ class Upload:
             size=self.size,
             target=request.target,
             new_name=request.new_name,
+            data_written=self.any_written,
         )
 
     def discard(self) -> None:
@@ -326,34 +364,50 @@ class Uploads:
         path, fd = self._staging_file()
         # A created file is an attempt even if nothing is written: an empty
         # image is refused, never silently ignored.
-        upload = Upload(self.sr, name, path, fd, request, lock_fd, dirty=True)
+        upload = Upload(self.sr, name, path, fd, request, lock_fd, dirty=True, write_handles=1)
         upload.start_stream()
         upload.writers.add(pid)
         self.entries[name] = upload
         return upload
 
-    def rearm(self, upload: Upload, pid: int, *, truncate: bool = False) -> None:
-        """A settled stub opened for writing becomes a new upload of the same name.
+    def open_for_writing(self, upload: Upload, pid: int, *, truncate: bool = False) -> None:
+        """A writer opens an existing name: EBUSY while another writes it.
 
-        Its staging starts as zeros of the stub's size, which is what readers
-        of the stub saw (rsync --inplace writes only what differs from that).
+        A stub of an applied upload becomes a new upload of the same name,
+        starting from zero bytes whatever the open flags (see the module
+        docstring); until something is written it is no attempt.
         """
-        if upload.settled_ns is None:
-            upload.writers.add(pid)
-            if truncate:
-                upload.truncate(0)
-            return
-        request = self._request(upload.name)
-        lock_fd = self._lock(request)
-        upload.path, upload.fd = self._staging_file()
-        upload.request, upload.lock_fd = request, lock_fd
-        upload.applied = upload.dirty = False
-        upload.error = None
-        upload.truncate(0 if truncate else upload.size)
-        upload.dirty = truncate
-        upload.start_stream()
-        upload.settled_ns = None
-        upload.writers = {pid}
+        if upload.write_handles:
+            raise Busy(f"{upload.name} is being written by another process")
+        if upload.settled_ns is None and upload.applied:
+            raise Busy(f"{upload.name} is being applied")
+        if upload.settled_ns is not None:
+            request = self._request(upload.name)
+            lock_fd = self._lock(request)
+            upload.path, upload.fd = self._staging_file()
+            upload.request, upload.lock_fd = request, lock_fd
+            upload.applied = upload.failed = upload.start_written = upload.any_written = False
+            # With O_TRUNC (cp) a new upload, even if nothing is written (an empty
+            # image is refused); without, nothing until written, and then from byte 0.
+            upload.dirty = truncate
+            upload.reopened = not truncate
+            upload.error = None
+            upload.size = 0
+            upload.settled_ns = None
+            upload.writers = set()
+            upload.start_stream()
+        elif truncate:
+            upload.truncate(0)
+        upload.writers.add(pid)
+        upload.write_handles += 1
+
+    def release(self, upload: Upload, *, writing: bool) -> None:
+        """A handle of an upload was closed (after its flush)."""
+        upload.handles -= 1
+        if writing:
+            upload.write_handles -= 1
+        if upload.handles == 0 and (upload.applied or not upload.dirty):
+            self.finish(upload)
 
     def visible(self) -> list[str]:
         """Names in import/ (stubs of applied uploads expire)."""
@@ -410,7 +464,9 @@ class Uploads:
             if upload.failed:
                 self.remove(upload)  # the same copy can be tried again at once
                 return
+            # Applied, or a stub opened for writing and closed unwritten: a stub again.
             upload.discard()
+            upload.size = 0
             upload.settled_ns = time.time_ns()
 
     def close_all(self) -> None:

@@ -94,6 +94,7 @@ class ParsedQcow2:
     compressed: bool
     """Some clusters are compressed (their length is only bounded by the file's end)."""
     _clusters: _ClusterMap = field(repr=False, compare=False)
+    geometry_slack: int = 0  # qcow2 sizes are exact (see vhd_parse.ParsedImage)
 
     def writes(self) -> Iterator[Write]:
         """Writes in ascending ``file_offset``, merged into runs (zero writes come first)."""

@@ -7,7 +7,8 @@ with :class:`~vdifs.errors.MalformedImage`, :class:`~vdifs.errors.TooLarge` or
 the limits below whatever the file claims.  Parent locators are never
 followed, and the parent's name is only reported.
 
-Like XAPI's vhd-tool ``serve`` (reference formats-xapi.md §2), a dynamic or
+Like XAPI's vhd-tool ``serve`` (xapi-project/xen-api ``ocaml/vhd-tool/src/impl.ml``
+``serve_vhd_to_raw``, ``ocaml/libs/vhd/vhd_format/f.ml`` ``From_input``), a dynamic or
 differencing image writes exactly the sectors whose bitmap bit is set; unlike
 it, fixed images are accepted and the footer is checked at both ends.
 """
@@ -94,6 +95,9 @@ class ParsedImage:
     """The parent's unicode name, for information only: nobody opens it."""
     _blocks: _Blocks | None = field(default=None, repr=False, compare=False)
     """None for a fixed image: all of it is data."""
+    geometry_slack: int = 0
+    """When the size is the footer's CHS geometry (qemu-img's default), the bytes of
+    one cylinder: the size was rounded up to the geometry by less than that."""
 
     def writes(self) -> Iterator[Write]:
         """Runs of present data, ascending file offset, merged within a block.
@@ -163,7 +167,22 @@ def parse_vhd(read_at: ReadAt, file_size: int) -> ParsedImage:
             raise MalformedImage(
                 f"fixed VHD of {footer.current_size} bytes in a file of {file_size} bytes"
             )
-        return ParsedImage(footer.current_size, False, footer.unique_id, None, None)
+        first_sector = _read_exactly(read_at, 0, c_vhd.FOOTER_SIZE)
+        if first_sector != footer_bytes and is_vhd_footer(first_sector):
+            # qemu reads the footer at offset 0 first and would see the inner
+            # image; the specification reads the one at the end.  Neither is safe.
+            raise MalformedImage(
+                "ambiguous VHD: it ends with a fixed VHD's footer but begins with another"
+                " VHD's footer (a fixed VHD holding a VHD?); import its data as raw instead"
+            )
+        return ParsedImage(
+            footer.current_size,
+            False,
+            footer.unique_id,
+            None,
+            None,
+            geometry_slack=footer.geometry_slack,
+        )
 
     if _read_exactly(read_at, 0, c_vhd.FOOTER_SIZE) != footer_bytes:
         raise MalformedImage("the footer copy at offset 0 differs from the footer at the end")
@@ -205,6 +224,17 @@ def parse_vhd(read_at: ReadAt, file_size: int) -> ParsedImage:
         parent_identity=header.parent_unique_id if is_delta else None,
         parent_name=header.parent_name if is_delta else None,
         _blocks=_Blocks(read_at, header.block_size, keys),
+        geometry_slack=footer.geometry_slack,
+    )
+
+
+def is_vhd_footer(sector: bytes) -> bool:
+    """Whether 512 bytes are a VHD footer: the cookie and a matching checksum."""
+    return (
+        len(sector) == c_vhd.FOOTER_SIZE
+        and sector.startswith(c_vhd.FOOTER_COOKIE)
+        and c_vhd.CHECKSUM.unpack_from(sector, c_vhd.FOOTER_CHECKSUM_OFFSET)[0]
+        == c_vhd.checksum(sector, c_vhd.FOOTER_CHECKSUM_OFFSET)
     )
 
 
@@ -213,6 +243,7 @@ class _Footer(NamedTuple):
     current_size: int
     disk_type: int
     unique_id: bytes
+    geometry_slack: int
 
     @classmethod
     def parse(cls, raw: bytes) -> _Footer:
@@ -227,9 +258,9 @@ class _Footer(NamedTuple):
             _creator_host_os,
             _original_size,
             current_size,
-            _cylinders,
-            _heads,
-            _sectors_per_track,
+            cylinders,
+            heads,
+            sectors_per_track,
             disk_type,
             stored_checksum,
             unique_id,
@@ -256,7 +287,9 @@ class _Footer(NamedTuple):
             raise TooLarge(
                 f"VHD size {current_size} is beyond the limit of {c_vhd.MAX_VHD_SIZE} bytes"
             )
-        return cls(data_offset, current_size, disk_type, unique_id)
+        cylinder = heads * sectors_per_track * SECTOR_SIZE
+        slack = cylinder if cylinders * cylinder == current_size else 0
+        return cls(data_offset, current_size, disk_type, unique_id, slack)
 
 
 class _Header(NamedTuple):

@@ -93,6 +93,7 @@ class Handle:
     export: Export | None = None  # pinned at open for read-only views
     live: LiveDisk | None = None  # a live raw.img opened for writing or reading
     upload: Upload | None = None  # a file being written into import/
+    writing: bool = False  # opened for writing (an upload has one such handle at most)
     data: bytes | None = None  # small generated files (info.json), pinned at open
     pins: PackPins | None = None  # keeps gc off the data an open export reads
 
@@ -317,9 +318,11 @@ class VdifsOperations(pyfuse3.Operations):
             await self._settle(upload)
             if write:
                 # libfuse negotiates atomic O_TRUNC: truncation arrives here, not in setattr.
-                self.tree.uploads.rearm(upload, ctx.pid, truncate=bool(flags & os.O_TRUNC))
+                self.tree.uploads.open_for_writing(
+                    upload, ctx.pid, truncate=bool(flags & os.O_TRUNC)
+                )
             upload.handles += 1
-            self._handles[fh] = Handle(node, upload=upload)
+            self._handles[fh] = Handle(node, upload=upload, writing=write)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         if flags & os.O_TRUNC:
             # A disk's size is fixed: truncating raw.img would destroy it.
@@ -482,9 +485,7 @@ class VdifsOperations(pyfuse3.Operations):
         if handle.pins is not None:
             handle.pins.release()
         if handle.upload is not None:
-            handle.upload.handles -= 1
-            if handle.upload.applied:
-                self.tree.uploads.finish(handle.upload)
+            self.tree.uploads.release(handle.upload, writing=handle.writing)
             if handle.upload.handles == 0:
                 pipeline = self._pipelines.pop(id(handle.upload), None)
                 if pipeline is not None:
@@ -512,7 +513,7 @@ class VdifsOperations(pyfuse3.Operations):
         node = ("upload", upload.name)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(node, upload=upload)
+        self._handles[fh] = Handle(node, upload=upload, writing=True)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False), self._entry(node)
 
     @_errors

@@ -131,7 +131,8 @@ CREATE TABLE IF NOT EXISTS imports(
     started TEXT NOT NULL,
     finished TEXT,
     seconds REAL,
-    pid INTEGER NOT NULL DEFAULT 0
+    pid INTEGER NOT NULL DEFAULT 0,
+    notes TEXT
 );
 """
 
@@ -150,7 +151,7 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
         "current": "TEXT",
         "data_destroyed": "INTEGER NOT NULL DEFAULT 0",
     },
-    "imports": {"pid": "INTEGER NOT NULL DEFAULT 0"},
+    "imports": {"pid": "INTEGER NOT NULL DEFAULT 0", "notes": "TEXT"},
 }
 
 
@@ -583,6 +584,35 @@ class LocalSR:
             )
         return self.get_vdi(uuid)
 
+    def resize(self, uuid: str, size: int) -> VdiRecord:
+        """Grow a VDI to ``size`` bytes (XAPI's ``VDI.resize``); its snapshots keep theirs.
+
+        Sizes round up to whole sectors.  A smaller size is refused: shrinking
+        would cut data off, and XAPI refuses it too.
+        """
+        record = self.get_vdi(uuid)
+        if record.is_a_snapshot:
+            raise ReadOnly(f"VDI {uuid} is a snapshot: it cannot be resized")
+        size = check_size(size)
+        if size < record.virtual_size:
+            raise InvalidArgument(
+                f"VDI {uuid} has {record.virtual_size} bytes: a disk can only grow, not shrink"
+            )
+        if size == record.virtual_size:
+            return record
+        with ChunkWriter(self, uuid, replace=False) as writer:
+            writer.expect_generation = record.generation
+            tail = record.virtual_size % CHUNK_SIZE
+            chunk_id = self.block_map(record).chunk_id(record.virtual_size // CHUNK_SIZE)
+            if tail and chunk_id:
+                # Bytes past the old end become part of the disk: they must read as zeros.
+                data = bytearray(self.read_chunk(chunk_id))
+                if data[tail:] != bytes(CHUNK_SIZE - tail):
+                    data[tail:] = bytes(CHUNK_SIZE - tail)
+                    writer.write_chunk(record.virtual_size // CHUNK_SIZE, data)
+            writer.grow(size)
+            return writer.commit()
+
     def set_name(self, uuid: str, name: str) -> None:
         check_name(name)
         with self.transaction() as db:
@@ -906,6 +936,18 @@ class ChunkWriter:
                 self._direct = None  # the file system has no O_DIRECT: write through the cache
             return
 
+    def grow(self, size: int) -> None:
+        """Make the disk ``size`` bytes long at commit (XAPI's VDI.resize: grow only).
+
+        The new bytes read as zeros unless this writer writes them.
+        """
+        size = check_size(size)
+        if size < self.virtual_size:
+            raise InvalidArgument(
+                f"VDI {self.uuid} has {self.virtual_size} bytes: a disk can only grow"
+            )
+        self.virtual_size = size
+
     def write_chunk(self, chunk: int, data: bytes | bytearray | memoryview) -> None:
         """Set one chunk.  ``data`` is at most CHUNK_SIZE bytes (zero-padded)."""
         if len(data) != CHUNK_SIZE:
@@ -1086,10 +1128,12 @@ class ChunkWriter:
                     int(m).bit_count()
                     for (m,) in db.execute("SELECT mask FROM blocks WHERE vdi = ?", (record.id,))
                 )
+                if self.virtual_size < record.virtual_size:
+                    raise Busy(f"VDI {self.uuid} was resized while this write ran")
                 db.execute(
                     "UPDATE vdis SET generation = generation + 1, changed_ns = ?,"
-                    " allocated_chunks = ? WHERE id = ?",
-                    (max(now, record.changed_ns + 1), count, record.id),
+                    " allocated_chunks = ?, virtual_size = ? WHERE id = ?",
+                    (max(now, record.changed_ns + 1), count, self.virtual_size, record.id),
                 )
                 if self.import_name is not None:
                     db.execute(
