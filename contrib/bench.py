@@ -680,7 +680,12 @@ class Bench:
     def peer(
         self, tool: str, key: str, label: str, unit: str, measure: Callable[[], float]
     ) -> list[Probe]:
-        """A peer's probe, or nothing when the peer is not installed."""
+        """A peer's probe, or nothing when the peer is not installed.
+
+        A missing peer's paths (``self.xmount_vhd``, ``self.qsd_raw``, ...) are
+        never set, so a ``measure`` that uses one must read it when called
+        (a lambda), not when the probes are defined (``partial``).
+        """
         return self.probe(key, label, unit, measure) if self.peers[tool] else []
 
     def define_probes(self) -> None:
@@ -698,15 +703,15 @@ class Bench:
                        partial(dd_cached_mbps, self.raw)),
             self.probe("raw", "vdifs raw.img", "MB/s", partial(dd_mbps, f["raw"]))
             + self.peer(qsd, "qsd_raw", "qemu-storage-daemon FUSE raw", "MB/s",
-                        partial(dd_mbps, self.qsd_raw)),
+                        lambda: dd_mbps(self.qsd_raw)),
             self.probe("vhd", "vdifs full.vhd", "MB/s", partial(dd_mbps, f["vhd"]))
             + self.peer("xmount", "xmount", "xmount --out vhd (a fixed VHD)", "MB/s",
-                        partial(dd_mbps, self.xmount_vhd))
+                        lambda: dd_mbps(self.xmount_vhd))
             + self.peer(qi, "qi_vpc", "qemu-img convert raw -> vpc file", "MB/s",
                         partial(qemu_img_convert_mbps, self.raw, "raw", out, "vpc")),
             self.probe("qcow2", "vdifs full.qcow2", "MB/s", partial(dd_mbps, f["qcow2"]))
             + self.peer(qsd, "qsd_qcow2", "qemu-storage-daemon FUSE qcow2", "MB/s",
-                        partial(dd_mbps, self.qsd_qcow2))
+                        lambda: dd_mbps(self.qsd_qcow2))
             + self.peer(qi, "qi_qcow2", "qemu-img convert raw -> qcow2 file", "MB/s",
                         partial(qemu_img_convert_mbps, self.raw, "raw", out, "qcow2")),
             self.probe("delta_vhd", "vdifs delta-from/S1.vhd", "MB/s",
@@ -724,7 +729,7 @@ class Bench:
             self.probe("rand", f"vdifs raw.img random {kib} reads", "IOPS",
                        partial(random_read_iops, f["raw"], self.size))
             + self.peer(qsd, "qsd_rand", f"qemu-storage-daemon raw random {kib} reads", "IOPS",
-                        partial(random_read_iops, self.qsd_raw, self.size)),
+                        lambda: random_read_iops(self.qsd_raw, self.size)),
             self.probe("ls", f"vdifs ls -lR of a fresh mount, {SMALL_VDIS} VDIs", "s", self.ls_lr),
             self.probe("imp_vhd", "vdifs cp of the VHD into import/", "MB/s",
                        partial(self.cp_import, self.vhd_copy, "vhd"))
