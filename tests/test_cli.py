@@ -54,3 +54,20 @@ def test_errors_are_one_line_with_documented_status(cli: Cli) -> None:
 def test_names_resolve_when_unambiguous(cli: Cli) -> None:
     vdi = cli("vdi", "create", "only-one", "--size", "1M")
     assert cli.json("vdi", "show", "only-one")["uuid"] == vdi
+
+
+def test_one_exit_status_table() -> None:
+    """vdifs --help and docs/errors.md show the table the error classes define."""
+    import errno
+    import re
+    from pathlib import Path
+
+    from vdifs.cli import EXIT_CODES
+    from vdifs.errors import exit_statuses
+
+    doc = (Path(__file__).parents[1] / "docs" / "errors.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \|[^|]*\| (E[A-Z]+) \|", doc, re.M))
+    for code, err, meaning in exit_statuses():
+        assert getattr(errno, rows[str(code)]) == err, code
+        assert f"{code:>3}  {meaning}" in EXIT_CODES
+    assert set(rows) == {str(code) for code, _, _ in exit_statuses()}

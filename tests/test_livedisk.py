@@ -10,10 +10,11 @@ import pytest
 import trio
 
 from vdifs.exports import Export
-from vdifs.formats.base import CHUNK_SIZE
 from vdifs.fs.ops import on_live_disk
 from vdifs.livedisk import LiveDisk, NeedsFetch
-from vdifs.storage.local import LocalSR, WouldBlock
+from vdifs.model import CHUNK_SIZE
+from vdifs.storage.backend import WouldBlock
+from vdifs.storage.local import LocalSR
 
 
 class ColdExport:

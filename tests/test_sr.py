@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from vdifs.cli import parse_size
 from vdifs.errors import InvalidArgument, NotFound, ReadOnly
-from vdifs.formats.base import CHUNK_SIZE
 from vdifs.imports import Applier
-from vdifs.storage import local
-from vdifs.storage.blockmap import ROW_BYTES
-from vdifs.storage.local import ChunkWriter, LocalSR, parse_size
+from vdifs.model import CHUNK_SIZE
+from vdifs.storage.local import LocalSR, layout, writer
+from vdifs.storage.local.blockmap import ROW_BYTES
+from vdifs.storage.local.writer import ChunkWriter
 
 
 def test_parse_size() -> None:
@@ -69,12 +70,12 @@ def test_zero_chunks_in_a_run_are_told_from_data_by_their_last_byte(sr: LocalSR)
     with sr.writer(record.uuid) as w:
         w.write_chunks(0, memoryview(run))
         w.commit()
-    state = sr.snapshot_state(record.uuid)
+    state = sr.state(record.uuid)
     assert sr.read(state[1], 0, 4 * CHUNK_SIZE) == bytes(run)
     assert sr.get_vdi(record.uuid).physical_utilisation == 2 * CHUNK_SIZE
-    assert local.is_zero_chunk(memoryview(bytes(CHUNK_SIZE)))
-    assert not local.is_zero_chunk(memoryview(run)[CHUNK_SIZE : 2 * CHUNK_SIZE])
-    assert not local.is_zero_chunk(bytes(CHUNK_SIZE - 1))  # not a whole chunk
+    assert layout.is_zero_chunk(memoryview(bytes(CHUNK_SIZE)))
+    assert not layout.is_zero_chunk(memoryview(run)[CHUNK_SIZE : 2 * CHUNK_SIZE])
+    assert not layout.is_zero_chunk(bytes(CHUNK_SIZE - 1))  # not a whole chunk
 
 
 def test_snapshot_is_a_point_in_time_and_shares_data(sr: LocalSR) -> None:
@@ -89,9 +90,9 @@ def test_snapshot_is_a_point_in_time_and_shares_data(sr: LocalSR) -> None:
     with sr.writer(record.uuid) as w:
         w.write_chunk(5, os.urandom(CHUNK_SIZE))
         w.commit()
-    snap_state = sr.snapshot_state(snap.uuid)
+    snap_state = sr.state(snap.uuid)
     assert sr.read(snap_state[1], 5 * CHUNK_SIZE, CHUNK_SIZE) == first
-    live = sr.snapshot_state(record.uuid)
+    live = sr.state(record.uuid)
     assert sr.read(live[1], 5 * CHUNK_SIZE, CHUNK_SIZE) != first
     assert snap_state[0].is_a_snapshot and snap_state[0].snapshot_of == record.uuid
     assert sr.get_vdi(record.uuid).snapshots == (snap.uuid,)
@@ -109,8 +110,8 @@ def test_identical_content_keeps_its_identity(sr: LocalSR) -> None:
     with sr.writer(record.uuid, replace=True) as w:
         w.write_chunk(0, data)
         w.commit()
-    live_map = sr.snapshot_state(record.uuid)[1]
-    snap_map = sr.snapshot_state(snap.uuid)[1]
+    live_map = sr.state(record.uuid)[1]
+    snap_map = sr.state(snap.uuid)[1]
     assert live_map.diff(snap_map).blocks.tolist() == []
 
 
@@ -125,12 +126,12 @@ def test_destroy_keeps_snapshots_and_their_data(sr: LocalSR) -> None:
     with pytest.raises(NotFound):
         sr.get_vdi(record.uuid)
     assert sr.garbage_collect() == (0, 0)
-    assert sr.read(sr.snapshot_state(snap.uuid)[1], CHUNK_SIZE, CHUNK_SIZE) == data
+    assert sr.read(sr.state(snap.uuid)[1], CHUNK_SIZE, CHUNK_SIZE) == data
 
 
 def test_failed_commit_leaves_the_vdi_unchanged(sr: LocalSR) -> None:
     record = sr.create_vdi("disk", 4 << 20)
-    before = sr.snapshot_state(record.uuid)
+    before = sr.state(record.uuid)
     w = sr.writer(record.uuid)
     w.write_chunk(0, os.urandom(CHUNK_SIZE))
     sr.destroy(record.uuid)  # the target vanishes under the writer
@@ -147,20 +148,21 @@ def test_snapshot_of_20_gib_copies_rows_not_data(sr: LocalSR) -> None:
     with sr.writer(record.uuid) as w:
         w.write_chunk(0, os.urandom(CHUNK_SIZE))
         w.commit()
-    row = sr.db.execute("SELECT chunks FROM blocks WHERE vdi = ?", (record.id,)).fetchone()[0]
+    row_id = sr.row_id(record.uuid)
+    row = sr.db.execute("SELECT chunks FROM blocks WHERE vdi = ?", (row_id,)).fetchone()[0]
     chunk_id = row[:8]
     full_row = chunk_id * (ROW_BYTES // 8)
     with sr.transaction() as db:
         db.executemany(
             "INSERT OR REPLACE INTO blocks(vdi, idx, mask, chunks) VALUES (?, ?, ?, ?)",
-            ((record.id, i, 0xFFFFFFFF, full_row) for i in range(10240)),
+            ((row_id, i, 0xFFFFFFFF, full_row) for i in range(10240)),
         )
     data_before = sum(f.stat().st_size for f in sr.packs_dir.iterdir())
     start = time.perf_counter()
     snap = sr.snapshot(record.uuid)
     elapsed = time.perf_counter() - start
     assert sum(f.stat().st_size for f in sr.packs_dir.iterdir()) == data_before
-    assert sr.snapshot_state(snap.uuid)[1].chunk_count == 10240 * 32
+    assert sr.state(snap.uuid)[1].chunk_count == 10240 * 32
     print(f"snapshot of 20 GiB of data: {elapsed * 1000:.1f} ms")
 
 
@@ -182,7 +184,9 @@ def test_killed_mid_snapshot_reopens_consistent(sr_path: Path) -> None:
         for chunk in range(0, 65536, 3):
             w.write_chunk(chunk, chunk.to_bytes(8, "little") * (CHUNK_SIZE // 8))
         w.commit()
-    rows = sr.db.execute("SELECT COUNT(*) FROM blocks WHERE vdi = ?", (record.id,)).fetchone()[0]
+    rows = sr.db.execute(
+        "SELECT COUNT(*) FROM blocks WHERE vdi = ?", (sr.row_id(record.uuid),)
+    ).fetchone()[0]
     sr.close()
     for delay in (0.05, 0.13, 0.3):
         proc = subprocess.Popen(
@@ -198,7 +202,9 @@ def test_killed_mid_snapshot_reopens_consistent(sr_path: Path) -> None:
     snapshots = [r for r in sr.list_vdis() if r.is_a_snapshot]
     assert snapshots, "no snapshot was completed"
     for snap in snapshots:
-        count = sr.db.execute("SELECT COUNT(*) FROM blocks WHERE vdi = ?", (snap.id,)).fetchone()
+        count = sr.db.execute(
+            "SELECT COUNT(*) FROM blocks WHERE vdi = ?", (sr.row_id(snap.uuid),)
+        ).fetchone()
         assert count[0] == rows, "a half-made snapshot survived"
     orphans = sr.db.execute("SELECT COUNT(*) FROM blocks WHERE vdi NOT IN (SELECT id FROM vdis)")
     assert orphans.fetchone()[0] == 0
@@ -224,7 +230,7 @@ def test_a_large_import_keeps_its_digests_on_disk(
     sr: LocalSR, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
     """Past IN_MEMORY new chunks, a writer's digests go to a scratch file (bounded memory)."""
-    monkeypatch.setattr(local._NewDigests, "IN_MEMORY", 8)
+    monkeypatch.setattr(writer._NewDigests, "IN_MEMORY", 8)
     record = sr.create_vdi("disk", 64 * CHUNK_SIZE)
     chunks = [os.urandom(CHUNK_SIZE) for _ in range(20)]
     w = ChunkWriter(sr, record.uuid, replace=True, direct=direct)
@@ -234,7 +240,7 @@ def test_a_large_import_keeps_its_digests_on_disk(
     w.write_chunks(20, chunks[3] + chunks[17] + bytes(CHUNK_SIZE))
     w.commit()
     assert not list(sr.staging_dir.glob("*.digests"))
-    block_map = sr.snapshot_state(record.uuid)[1]
+    block_map = sr.state(record.uuid)[1]
     ids = [block_map.chunk_id(c) for c in range(23)]
     assert ids[20] == ids[3] and ids[21] == ids[17] and ids[22] == 0
     assert len(set(ids[:20])) == 20
@@ -244,7 +250,7 @@ def test_a_large_import_keeps_its_digests_on_disk(
     again = ChunkWriter(sr, record.uuid, replace=False)
     again.write_chunks(40, chunks[5])
     again.commit()
-    assert sr.snapshot_state(record.uuid)[1].chunk_id(40) == ids[5]
+    assert sr.state(record.uuid)[1].chunk_id(40) == ids[5]
 
 
 def test_stale_digest_scratch_from_a_crash_is_removed(sr_path: Path) -> None:
@@ -277,6 +283,6 @@ def test_a_chunk_stored_early_is_read_back_whole(sr: LocalSR, direct: bool) -> N
         applier.write(CHUNK_SIZE, head)
         applier.finish()
         w.commit()
-        block_map = sr.snapshot_state(record.uuid)[1]
+        block_map = sr.state(record.uuid)[1]
         assert sr.read(block_map, CHUNK_SIZE, CHUNK_SIZE) == head + tail
         head, tail = tail, head

@@ -57,7 +57,7 @@ def seeds(sr: LocalSR, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tu
             target=None,
             new_name="source",
         ).target
-    state = DiskState(*sr.snapshot_state(source))
+    state = DiskState(*sr.state(source))
     out = {}
     for fmt in ("vhd", "qcow2"):
         export = Export(sr, state, fmt)
@@ -103,7 +103,7 @@ REFUSED = {"fixed-holding-a-vhd.vhd"} | {
 
 
 def disk_bytes(sr: LocalSR, uuid: str) -> bytes:
-    state = DiskState(*sr.snapshot_state(uuid))
+    state = DiskState(*sr.state(uuid))
     export = Export(sr, state, "raw")
     return bytes(export.read(0, export.size))
 
@@ -214,7 +214,7 @@ def test_a_streamed_vhd_holds_few_partly_written_chunks(sr: LocalSR) -> None:
         target=None,
         new_name="split-chunks",
     ).target
-    export = Export(sr, DiskState(*sr.snapshot_state(source)), "vhd")
+    export = Export(sr, DiskState(*sr.state(source)), "vhd")
     image = bytes(export.read(0, export.size))
     upload = Uploads(sr).create("split.vhd", os.getpid())
     most_open = 0

@@ -18,29 +18,57 @@ from pathlib import Path
 from typing import IO, Any
 
 from vdifs import __version__, malloc
-from vdifs.errors import InvalidArgument, NotFound, VdifsError
-from vdifs.storage.local import LocalSR, VdiRecord, default_sr_path, parse_size
+from vdifs.errors import InvalidArgument, NotFound, Unsupported, VdifsError, exit_statuses
+from vdifs.model import VdiRecord
+from vdifs.storage.backend import Backend
+from vdifs.storage.local import LocalSR, default_sr_path
 
 log = logging.getLogger("vdifs")
 
-EXIT_CODES = """\
-exit status:
-  0  success
-  1  unexpected error (a bug: run with --debug and report it)
-  2  invalid argument or usage
-  3  not found
-  4  already exists
-  5  read-only (a snapshot, or a read-only mount)
-  6  busy (already mounted, an import in progress)
-  7  too large (beyond a format's or the disk's limits)
-  8  unsupported image feature
-  9  no space left in the SR
- 10  a delta does not apply onto the target's content
- 11  the SR is damaged (a missing block object)
-"""
+EXIT_CODES = "exit status:\n  0  success\n" + "".join(
+    f"{code:>3}  {meaning}\n" for code, _errno, meaning in exit_statuses()
+)
 
 
-def resolve_vdi(sr: LocalSR, key: str) -> VdiRecord:
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"10G"`` -> 10 GiB.  Suffixes are binary; ``B``/``iB`` optional."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    suffix = s[-1:] if s[-1:] in _SIZE_SUFFIXES and s[-1:] else ""
+    number = s[: -len(suffix)] if suffix else s
+    try:
+        value = int(number)
+    except ValueError:
+        raise InvalidArgument(f"invalid size {text!r}: use bytes or K/M/G/T (binary)") from None
+    return value * _SIZE_SUFFIXES[suffix]
+
+
+def tree_lines(
+    roots: list[str], children: dict[str, list[str]], label: dict[str, str], current: str | None
+) -> list[str]:
+    """``virsh snapshot-list --tree`` style lines, current marked with ``*``."""
+    lines: list[str] = []
+
+    def walk(node: str, prefix: str, last: bool, top: bool) -> None:
+        mark = "  *" if node == current else ""
+        if top:
+            lines.append(f"{label[node]}{mark}")
+            child_prefix = ""
+        else:
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{label[node]}{mark}")
+            child_prefix = prefix + ("    " if last else "│   ")
+        kids = children.get(node, [])
+        for i, kid in enumerate(kids):
+            walk(kid, child_prefix, i == len(kids) - 1, False)
+
+    for root in roots:
+        walk(root, "", True, True)
+    return lines
+
+
+def resolve_vdi(sr: Backend, key: str) -> VdiRecord:
     """A VDI by uuid, or by name when exactly one VDI has that name."""
     try:
         return sr.get_vdi(key)
@@ -95,12 +123,12 @@ class Progress:
 # -- commands -------------------------------------------------------------------
 
 
-def cmd_vdi_create(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_create(sr: Backend, args: argparse.Namespace) -> None:
     record = sr.create_vdi(args.name, parse_size(args.size), args.description)
     print(record.uuid)
 
 
-def cmd_vdi_list(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_list(sr: Backend, args: argparse.Namespace) -> None:
     records = sr.list_vdis()
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2))
@@ -113,11 +141,11 @@ def cmd_vdi_list(sr: LocalSR, args: argparse.Namespace) -> None:
         )
 
 
-def cmd_vdi_show(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_show(sr: Backend, args: argparse.Namespace) -> None:
     print(json.dumps(resolve_vdi(sr, args.vdi).to_json(), indent=2))
 
 
-def cmd_vdi_snapshot(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_snapshot(sr: Backend, args: argparse.Namespace) -> None:
     print(sr.snapshot(resolve_vdi(sr, args.vdi).uuid, args.name, args.description).uuid)
 
 
@@ -125,7 +153,6 @@ def _print_tree(
     items: list[Any], current: str | None, live_label: str | None, as_json: bool, tree: bool
 ) -> None:
     """Shared by VDI and VM snapshot listings (records with uuid/name/parent)."""
-    from vdifs.storage.vms import tree_lines
 
     if as_json:
         print(json.dumps([i.to_json() for i in items], indent=2))
@@ -155,14 +182,14 @@ def _print_tree(
         print(line)
 
 
-def cmd_vdi_snapshot_list(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_snapshot_list(sr: Backend, args: argparse.Namespace) -> None:
     vdi = resolve_vdi(sr, args.vdi)
     snaps = [sr.get_vdi(u) for u in vdi.snapshots]
     live = None if vdi.is_a_snapshot else f"(live) {vdi.name_label}"
     _print_tree(snaps, vdi.current, live, args.json, args.tree)
 
 
-def cmd_vdi_snapshot_delete(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_snapshot_delete(sr: Backend, args: argparse.Namespace) -> None:
     snap = resolve_vdi(sr, args.snapshot)
     for uuid in sr.delete_snapshot(
         snap.uuid, children=args.children, only_children=args.children_only
@@ -170,37 +197,31 @@ def cmd_vdi_snapshot_delete(sr: LocalSR, args: argparse.Namespace) -> None:
         print(uuid)
 
 
-def cmd_vdi_data_destroy(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_data_destroy(sr: Backend, args: argparse.Namespace) -> None:
     sr.data_destroy(resolve_vdi(sr, args.snapshot).uuid)
 
 
-def _vms(sr: LocalSR) -> Any:
-    from vdifs.storage.vms import Vms
-
-    return Vms(sr)
-
-
-def cmd_vm_create(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vm_create(sr: Backend, args: argparse.Namespace) -> None:
     metadata = ""
     if args.metadata:
         metadata = sys.stdin.read() if args.metadata == "-" else Path(args.metadata).read_text()
-    print(_vms(sr).create(args.name, args.description, metadata).uuid)
+    print(sr.vms.create(args.name, args.description, metadata).uuid)
 
 
-def cmd_vm_attach(sr: LocalSR, args: argparse.Namespace) -> None:
-    vms = _vms(sr)
+def cmd_vm_attach(sr: Backend, args: argparse.Namespace) -> None:
+    vms = sr.vms
     vms.attach(
         vms.resolve(args.vm, snapshot=False).uuid, resolve_vdi(sr, args.vdi).uuid, args.device
     )
 
 
-def cmd_vm_detach(sr: LocalSR, args: argparse.Namespace) -> None:
-    vms = _vms(sr)
+def cmd_vm_detach(sr: Backend, args: argparse.Namespace) -> None:
+    vms = sr.vms
     vms.detach(vms.resolve(args.vm, snapshot=False).uuid, args.device)
 
 
-def cmd_vm_list(sr: LocalSR, args: argparse.Namespace) -> None:
-    records = _vms(sr).all(snapshots=False)
+def cmd_vm_list(sr: Backend, args: argparse.Namespace) -> None:
+    records = sr.vms.all(snapshots=False)
     if args.json:
         print(json.dumps([r.to_json() for r in records], indent=2))
         return
@@ -209,45 +230,45 @@ def cmd_vm_list(sr: LocalSR, args: argparse.Namespace) -> None:
         print(f"{r.uuid:36}  {len(r.disks):5}  {len(r.snapshots):5}  {r.name_label}")
 
 
-def cmd_vm_show(sr: LocalSR, args: argparse.Namespace) -> None:
-    print(json.dumps(_vms(sr).resolve(args.vm).to_json(), indent=2))
+def cmd_vm_show(sr: Backend, args: argparse.Namespace) -> None:
+    print(json.dumps(sr.vms.resolve(args.vm).to_json(), indent=2))
 
 
-def cmd_vm_destroy(sr: LocalSR, args: argparse.Namespace) -> None:
-    vms = _vms(sr)
+def cmd_vm_destroy(sr: Backend, args: argparse.Namespace) -> None:
+    vms = sr.vms
     vms.destroy(vms.resolve(args.vm, snapshot=False).uuid)
 
 
-def cmd_vm_snapshot(sr: LocalSR, args: argparse.Namespace) -> None:
-    vms = _vms(sr)
+def cmd_vm_snapshot(sr: Backend, args: argparse.Namespace) -> None:
+    vms = sr.vms
     vm = vms.resolve(args.vm, snapshot=False)
     print(vms.snapshot(vm.uuid, args.name, args.description).uuid)
 
 
-def cmd_vm_snapshot_list(sr: LocalSR, args: argparse.Namespace) -> None:
-    vms = _vms(sr)
+def cmd_vm_snapshot_list(sr: Backend, args: argparse.Namespace) -> None:
+    vms = sr.vms
     vm = vms.resolve(args.vm, snapshot=False)
     snaps = [vms.get(u) for u in vm.snapshots]
     _print_tree(snaps, vm.current, f"(now) {vm.name_label}", args.json, args.tree)
 
 
-def cmd_vm_snapshot_current(sr: LocalSR, args: argparse.Namespace) -> None:
-    vms = _vms(sr)
+def cmd_vm_snapshot_current(sr: Backend, args: argparse.Namespace) -> None:
+    vms = sr.vms
     vm = vms.resolve(args.vm, snapshot=False)
     if vm.current is None:
         raise NotFound(f"VM {vm.uuid} has no current snapshot")
     print(vm.current)
 
 
-def cmd_vm_revert(sr: LocalSR, args: argparse.Namespace) -> None:
-    vms = _vms(sr)
+def cmd_vm_revert(sr: Backend, args: argparse.Namespace) -> None:
+    vms = sr.vms
     vm = vms.revert(vms.resolve(args.snapshot, snapshot=True).uuid)
     for device, vdi in sorted(vm.disks.items()):
         print(f"{device} {vdi}")
 
 
-def cmd_vm_snapshot_delete(sr: LocalSR, args: argparse.Namespace) -> None:
-    vms = _vms(sr)
+def cmd_vm_snapshot_delete(sr: Backend, args: argparse.Namespace) -> None:
+    vms = sr.vms
     snap = vms.resolve(args.snapshot, snapshot=True)
     for uuid in vms.delete_snapshot(
         snap.uuid, children=args.children, only_children=args.children_only
@@ -255,32 +276,29 @@ def cmd_vm_snapshot_delete(sr: LocalSR, args: argparse.Namespace) -> None:
         print(uuid)
 
 
-def cmd_vdi_clone(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_clone(sr: Backend, args: argparse.Namespace) -> None:
     print(sr.clone(resolve_vdi(sr, args.vdi).uuid, args.name).uuid)
 
 
-def cmd_vdi_destroy(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_destroy(sr: Backend, args: argparse.Namespace) -> None:
     sr.destroy(resolve_vdi(sr, args.vdi).uuid)
 
 
-def cmd_vdi_resize(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_resize(sr: Backend, args: argparse.Namespace) -> None:
     record = sr.resize(resolve_vdi(sr, args.vdi).uuid, parse_size(args.size))
     print(record.virtual_size)
 
 
-def cmd_vdi_rename(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_vdi_rename(sr: Backend, args: argparse.Namespace) -> None:
     sr.set_name(resolve_vdi(sr, args.vdi).uuid, args.name)
 
 
-def cmd_export(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_export(sr: Backend, args: argparse.Namespace) -> None:
     from vdifs.exports import DiskState, Export
 
-    record, block_map = sr.snapshot_state(resolve_vdi(sr, args.vdi).uuid)
-    base = None
-    if args.base:
-        base_record, base_map = sr.snapshot_state(resolve_vdi(sr, args.base).uuid)
-        base = DiskState(base_record, base_map)
-    export = Export(sr, DiskState(record, block_map), args.format, base)
+    state = DiskState(*sr.state(resolve_vdi(sr, args.vdi).uuid))
+    base = DiskState(*sr.state(resolve_vdi(sr, args.base).uuid)) if args.base else None
+    export = Export(sr, state, args.format, base)
     progress: Callable[[int], None] | None = None
     if args.progress and sys.stderr.isatty():
         progress = Progress(export.size, sys.stderr)
@@ -302,7 +320,7 @@ def cmd_export(sr: LocalSR, args: argparse.Namespace) -> None:
         raise
 
 
-def cmd_import(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_import(sr: Backend, args: argparse.Namespace) -> None:
     from vdifs.imports import IMAGE_EXTENSIONS, file_reader, run_import
 
     path = Path(args.file)
@@ -315,14 +333,12 @@ def cmd_import(sr: LocalSR, args: argparse.Namespace) -> None:
                 " .img); vdifs never guesses from content: pass --format"
             )
         fmt = guessed
-    from vdifs.uploads import target_lock
-
     target = None if args.create else resolve_vdi(sr, args.vdi).uuid
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
-    lock_fd = target_lock(sr, target if target is not None else f"new-{args.vdi}")
+    lock = sr.import_lock(target if target is not None else f"new-{args.vdi}")
     try:
         size = os.fstat(fd).st_size
         progress = Progress(size, sys.stderr) if args.progress and sys.stderr.isatty() else None
@@ -339,14 +355,12 @@ def cmd_import(sr: LocalSR, args: argparse.Namespace) -> None:
         )
     finally:
         os.close(fd)
-        os.close(lock_fd)
+        lock.release()
     print(result.target)
 
 
-def cmd_import_status(sr: LocalSR, args: argparse.Namespace) -> None:
-    from vdifs.imports import import_status
-
-    items = import_status(sr, args.limit)
+def cmd_import_status(sr: Backend, args: argparse.Namespace) -> None:
+    items = sr.imports.recent(args.limit)
     if args.json:
         print(json.dumps(items, indent=2))
         return
@@ -358,7 +372,7 @@ def cmd_import_status(sr: LocalSR, args: argparse.Namespace) -> None:
         print(f"{item['id']:>5}  {item['started']}  {item['name']} -> {target}  {outcome}")
 
 
-def cmd_mount(sr: LocalSR | None, args: argparse.Namespace) -> None:
+def cmd_mount(sr: Backend | None, args: argparse.Namespace) -> None:
     from vdifs.fs import mount
 
     if args.foreground:
@@ -368,34 +382,30 @@ def cmd_mount(sr: LocalSR | None, args: argparse.Namespace) -> None:
         mount.mount_background(args.sr, Path(args.mountpoint), args.options, args.debug)
 
 
-def cmd_umount(sr: LocalSR | None, args: argparse.Namespace) -> None:
+def cmd_umount(sr: Backend | None, args: argparse.Namespace) -> None:
     from vdifs.fs import mount
 
     mount.unmount(Path(args.mountpoint), lazy=args.lazy)
 
 
-def cmd_sr_info(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_sr_info(sr: Backend, args: argparse.Namespace) -> None:
     records = sr.list_vdis()
-    packs = sum(f.stat().st_size for f in sr.packs_dir.iterdir())
-    print(
-        json.dumps(
-            {
-                "path": str(sr.path),
-                "vdis": sum(not r.is_a_snapshot for r in records),
-                "snapshots": sum(r.is_a_snapshot for r in records),
-                "data_bytes": packs,
-            },
-            indent=2,
-        )
-    )
+    info = {
+        **sr.info(),
+        "vdis": sum(not r.is_a_snapshot for r in records),
+        "snapshots": sum(r.is_a_snapshot for r in records),
+    }
+    print(json.dumps(info, indent=2))
 
 
-def cmd_sr_gc(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_sr_gc(sr: Backend, args: argparse.Namespace) -> None:
+    if not sr.capabilities.garbage_collection:
+        raise Unsupported(f"{sr.description} reclaims unused data by itself")
     packs, freed = sr.garbage_collect()
     print(f"removed {packs} unused pack(s), {_human(freed)} freed")
 
 
-def cmd_demo(sr: LocalSR, args: argparse.Namespace) -> None:
+def cmd_demo(sr: Backend, args: argparse.Namespace) -> None:
     """Fill an empty SR with a small demo disk and two snapshots, then mount it."""
     from vdifs.fs import mount
 
@@ -414,8 +424,8 @@ def cmd_demo(sr: LocalSR, args: argparse.Namespace) -> None:
     mountpoint = Path(args.mountpoint)
     mountpoint.mkdir(parents=True, exist_ok=True)
     if not os.path.ismount(mountpoint):
-        mount.mount_background(sr.path, mountpoint, None, args.debug)
-    print(f"vdifs is mounted on {mountpoint} (SR {sr.path}); try: ls -l {mountpoint}/vdis/*/")
+        mount.mount_background(Path(args.sr), mountpoint, None, args.debug)
+    print(f"vdifs is mounted on {mountpoint} (SR {args.sr}); try: ls -l {mountpoint}/vdis/*/")
     print(f"unmount with: vdifs umount {mountpoint}")
 
 

@@ -2,7 +2,8 @@
 
 Every error a user can meet is a :class:`VdifsError`.  The FUSE adapter maps
 them to ``FUSEError(exc.errno)`` in one place; the CLI prints ``str(exc)`` on
-one line and exits with ``exc.exit_code``.  Anything that is not a
+one line and exits with ``exc.exit_code`` (the table: :func:`exit_statuses`).
+Anything that is not a
 ``VdifsError`` is a bug: the FUSE adapter logs it with its traceback and
 answers EIO, so one bad request never kills the mount.
 """
@@ -17,16 +18,19 @@ class VdifsError(Exception):
 
     errno: int = errno.EIO
     exit_code: int = 1
+    meaning = "unexpected error (a bug: run with --debug and report it)"
 
 
 class NotFound(VdifsError):
     errno = errno.ENOENT
     exit_code = 3
+    meaning = "not found"
 
 
 class AlreadyExists(VdifsError):
     errno = errno.EEXIST
     exit_code = 4
+    meaning = "already exists"
 
 
 class ReadOnly(VdifsError):
@@ -34,11 +38,13 @@ class ReadOnly(VdifsError):
 
     errno = errno.EROFS
     exit_code = 5
+    meaning = "read-only (a snapshot, or a read-only mount)"
 
 
 class Busy(VdifsError):
     errno = errno.EBUSY
     exit_code = 6
+    meaning = "busy (already mounted, an import in progress)"
 
 
 class InvalidArgument(VdifsError):
@@ -46,6 +52,7 @@ class InvalidArgument(VdifsError):
 
     errno = errno.EINVAL
     exit_code = 2
+    meaning = "invalid argument or usage"
 
 
 class NameTooLong(InvalidArgument):
@@ -61,6 +68,7 @@ class TooLarge(VdifsError):
 
     errno = errno.EFBIG
     exit_code = 7
+    meaning = "too large (beyond a format's or the disk's limits)"
 
 
 class Unsupported(VdifsError):
@@ -68,11 +76,13 @@ class Unsupported(VdifsError):
 
     errno = errno.EOPNOTSUPP
     exit_code = 8
+    meaning = "unsupported image feature"
 
 
 class NoSpace(VdifsError):
     errno = errno.ENOSPC
     exit_code = 9
+    meaning = "no space left in the SR"
 
 
 class WrongBase(VdifsError):
@@ -80,6 +90,7 @@ class WrongBase(VdifsError):
 
     errno = errno.EINVAL
     exit_code = 10
+    meaning = "a delta does not apply onto the target's content"
 
 
 class StorageError(VdifsError):
@@ -87,3 +98,16 @@ class StorageError(VdifsError):
 
     errno = errno.EIO
     exit_code = 11
+    meaning = "the SR is damaged (a missing block object)"
+
+
+def exit_statuses() -> list[tuple[int, int, str]]:
+    """``(exit status, errno, meaning)`` of every error class, by exit status: the one table
+    behind ``vdifs --help``, docs/errors.md and the soak's expectations."""
+    seen: dict[int, tuple[int, int, str]] = {}
+    pending: list[type[VdifsError]] = [VdifsError]
+    while pending:
+        cls = pending.pop(0)
+        seen.setdefault(cls.exit_code, (cls.exit_code, cls.errno, cls.meaning))
+        pending += cls.__subclasses__()
+    return sorted(seen.values())

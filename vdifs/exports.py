@@ -15,16 +15,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vdifs.errors import InvalidArgument, NotFound, TooLarge
-from vdifs.formats.base import (
-    Allocation,
-    ImageIdentity,
-    Layout,
-    Meta,
-    ParentRef,
-    Zero,
-)
-from vdifs.storage.blockmap import BlockMap
-from vdifs.storage.local import LocalSR, VdiRecord
+from vdifs.formats.base import ImageIdentity, Layout, Meta, ParentRef, Zero
+from vdifs.model import CHUNK_SIZE, Allocation, VdiRecord
+from vdifs.storage.backend import Backend, ContentMap
 
 FORMATS = ("raw", "vhd", "qcow2")
 IMAGE_FORMATS = ("vhd", "qcow2")
@@ -57,7 +50,7 @@ class DiskState:
     """A VDI record with the block map of that very state."""
 
     record: VdiRecord
-    block_map: BlockMap
+    content: ContentMap
 
 
 class Export:
@@ -65,7 +58,7 @@ class Export:
 
     def __init__(
         self,
-        sr: LocalSR,
+        backend: Backend,
         state: DiskState,
         fmt: str,
         base: DiskState | None = None,
@@ -83,7 +76,7 @@ class Export:
             )
         if fmt == "raw" and base is not None:
             raise InvalidArgument("a raw image cannot be a delta: use vhd or qcow2")
-        self.sr = sr
+        self.backend = backend
         self.state = state
         self.fmt = fmt
         self.base = base
@@ -91,10 +84,10 @@ class Export:
         if fmt != "raw":
             record = state.record
             if base is None:
-                allocation = state.block_map.allocation()
+                allocation = state.content.allocation()
                 parent = None
             else:
-                allocation = state.block_map.diff(base.block_map)
+                allocation = state.content.diff(base.content)
                 parent = ParentRef(identity_of(base.record), f"{base.record.uuid}.{fmt}")
             self.layout = layout_class(fmt)(allocation, identity_of(record), parent)
 
@@ -107,14 +100,14 @@ class Export:
     @property
     def allocated_bytes(self) -> int:
         if self.layout is None:
-            return self.state.block_map.chunk_count * 65536
+            return self.state.content.chunk_count * CHUNK_SIZE
         return self.layout.allocated_bytes
 
     def read(self, offset: int, length: int, *, nowait: bool = False) -> bytearray:
         """Bytes at ``offset``, short at the end of the file.
 
         With ``nowait`` a read that would wait for the disk raises
-        :class:`vdifs.storage.local.WouldBlock` instead.
+        :class:`vdifs.storage.backend.WouldBlock` instead.
         """
         end = min(offset + length, self.size)
         if offset >= end:
@@ -122,9 +115,9 @@ class Export:
         # One buffer, filled in place and handed to FUSE as is: no copies.
         buf = bytearray(end - offset)
         view = memoryview(buf)
-        block_map = self.state.block_map
+        content = self.state.content
         if self.layout is None:
-            self.sr.read_into(block_map, offset, view, nowait=nowait)
+            self.backend.read_into(content, offset, view, nowait=nowait)
             return buf
         pos = 0
         for seg in self.layout.segments(offset, end - offset):
@@ -134,8 +127,8 @@ class Export:
             elif isinstance(seg, Zero):
                 pos += seg.length  # the buffer starts zeroed
             else:
-                self.sr.read_into(
-                    block_map, seg.virtual_offset, view[pos : pos + seg.length], nowait=nowait
+                self.backend.read_into(
+                    content, seg.virtual_offset, view[pos : pos + seg.length], nowait=nowait
                 )
                 pos += seg.length
         if pos != len(buf):

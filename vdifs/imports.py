@@ -3,7 +3,7 @@
 The engine reads an image through an injected ``read_at`` (a staged upload
 in the SR, or the user's file for ``vdifs import``), lets the format's parser
 validate it and list its writes, assembles them into 64 KiB chunks and hands
-those to a :class:`~vdifs.storage.local.ChunkWriter`.  Nothing touches the
+those to a backend :class:`~vdifs.storage.backend.Writer`.  Nothing touches the
 target until the writer commits; any error before that drops what was
 staged.  Every attempt is recorded in the SR's ``imports`` table, which the
 mount shows as ``import/.status/`` and the CLI as ``vdifs import-status``.
@@ -31,10 +31,9 @@ from vdifs.errors import (
     WrongBase,
 )
 from vdifs.formats import c_qcow2
-from vdifs.formats.base import CHUNK_SIZE, SECTOR_SIZE
 from vdifs.formats.vhd_parse import is_vhd_footer
-from vdifs.storage.blockmap import BlockMap
-from vdifs.storage.local import ChunkWriter, LocalSR, VdiRecord, safe_text, utc_iso
+from vdifs.model import CHUNK_SIZE, SECTOR_SIZE, VdiRecord
+from vdifs.storage.backend import Backend, ContentMap, Writer
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ class _OpenChunk:
 
 
 class Applier:
-    """Turns writes at any alignment into whole chunks for a ChunkWriter.
+    """Turns writes at any alignment into whole chunks for a backend Writer.
 
     A chunk that a write covers whole goes to the writer at once.  A partly
     covered chunk starts from its current content (the writer's staged copy,
@@ -140,7 +139,7 @@ class Applier:
     arrives: early is only slower.
     """
 
-    def __init__(self, sr: LocalSR, writer: ChunkWriter, base: BlockMap | None) -> None:
+    def __init__(self, sr: Backend, writer: Writer, base: ContentMap | None) -> None:
         self.sr = sr
         self.writer = writer
         self.base = base  # None: a full image, whatever is not written is zero
@@ -153,7 +152,9 @@ class Applier:
             return bytearray(staged)
         if self.base is None:
             return bytearray(CHUNK_SIZE)
-        return bytearray(self.sr.read_chunk(self.base.chunk_id(chunk)))
+        current = bytearray(CHUNK_SIZE)
+        self.sr.read_into(self.base, chunk * CHUNK_SIZE, memoryview(current))
+        return current
 
     def _store(self, chunk: int) -> None:
         self.writer.write_chunk(chunk, self.open.pop(chunk).data)
@@ -220,9 +221,9 @@ def _inflate(read_at: ReadAt, write: Any) -> bytes:
 
 
 def check_base(
-    sr: LocalSR,
+    sr: Backend,
     target: VdiRecord,
-    target_map: BlockMap,
+    target_map: ContentMap,
     parsed: ParsedImage,
     name: str,
 ) -> None:
@@ -248,7 +249,7 @@ def check_base(
             parent_id is None and parent_stem == record.uuid
         )
         if named:
-            if not target_map.diff(sr.block_map(record)).blocks:
+            if not target_map.diff(sr.state(record.uuid)[1]).blocks:
                 return
             raise WrongBase(
                 f"{name} is a delta whose base is snapshot {record.uuid}, but VDI {target.uuid}"
@@ -271,7 +272,7 @@ class ImportJob:
 
     def __init__(
         self,
-        sr: LocalSR,
+        sr: Backend,
         *,
         name: str,
         fmt: str,
@@ -289,8 +290,8 @@ class ImportJob:
         self.new_name = new_name
         self.force = force
         self.started = time.monotonic()
-        self.id = _record_start(sr, name, target, fmt, received)
-        self.writer: ChunkWriter | None = None
+        self.id = sr.imports.start(name, target, fmt, received)
+        self.writer: Writer | None = None
         self._applier: Applier | None = None
         self.finished = False
         self.notes: list[str] = []  # what the status record should say besides the outcome
@@ -311,12 +312,12 @@ class ImportJob:
                 )
             if image_size == 0:
                 raise InvalidArgument(f"{name} is empty: nothing to create a VDI from")
-            writer = ChunkWriter(
-                sr, None, replace=True, new_vdi=(self.new_name or name, image_size), direct=True
+            writer = sr.writer(
+                None, replace=True, new_vdi=(self.new_name or name, image_size), bulk=True
             )
             base_map = None
         else:
-            record, target_map = sr.snapshot_state(target)
+            record, target_map = sr.state(target)
             if record.is_a_snapshot:
                 raise ReadOnly(f"VDI {target} is a snapshot: it cannot be imported into")
             grow_to = self._check_size(parsed, image_size, record)
@@ -325,7 +326,7 @@ class ImportJob:
                 check_base(sr, record, target_map, parsed, name)
             # A full image replaces the disk; raw and deltas change what they carry.
             replace = parsed is not None and not is_delta
-            writer = ChunkWriter(sr, target, replace=replace, direct=True)
+            writer = sr.writer(target, replace=replace, bulk=True)
             writer.expect_generation = record.generation
             if grow_to is not None:
                 writer.grow(grow_to)
@@ -382,8 +383,7 @@ class ImportJob:
         record = writer.commit()
         self.finished = True
         seconds = time.monotonic() - self.started
-        _record_end(
-            self.sr,
+        self.sr.imports.end(
             self.id,
             "done",
             None,
@@ -410,8 +410,7 @@ class ImportJob:
         if self.writer is not None:
             self.writer.abort()
         self.finished = True
-        with self.sr.transaction() as db:
-            db.execute("DELETE FROM imports WHERE id = ?", (self.id,))
+        self.sr.imports.forget(self.id)
 
     def fail(self, exc: BaseException, received: int | None = None) -> None:
         """Drop what was staged and record why; the target is as it was."""
@@ -425,11 +424,11 @@ class ImportJob:
         else:
             message, code = f"internal error: {exc!r}", errno_module.EIO
         seconds = time.monotonic() - self.started
-        _record_end(self.sr, self.id, "failed", message, code, 0, seconds, None, received)
+        self.sr.imports.end(self.id, "failed", message, code, 0, seconds, None, received)
 
 
 def run_import(
-    sr: LocalSR,
+    sr: Backend,
     *,
     name: str,
     fmt: str,
@@ -534,54 +533,7 @@ def apply_write(
 # -- the status record ------------------------------------------------------------
 
 
-def _record_start(sr: LocalSR, name: str, target: str | None, fmt: str, received: int) -> int:
-    with sr.transaction() as db:
-        cur = db.execute(
-            "INSERT INTO imports(name, target, format, state, bytes_received, started, pid)"
-            " VALUES (?, ?, ?, 'running', ?, ?, ?)",
-            (safe_text(name), target, fmt, received, utc_iso(time.time_ns()), os.getpid()),
-        )
-        # Keep the history bounded.
-        db.execute("DELETE FROM imports WHERE id <= ?", ((cur.lastrowid or 0) - 1000,))
-        return int(cur.lastrowid or 0)
-
-
-def _record_end(
-    sr: LocalSR,
-    import_id: int,
-    state: str,
-    error: str | None,
-    errno: int,
-    chunks: int,
-    seconds: float,
-    target: str | None = None,
-    received: int | None = None,
-    notes: str | None = None,
-) -> None:
-    try:
-        with sr.transaction() as db:
-            db.execute(
-                "UPDATE imports SET state = ?, error = ?, errno = ?, chunks_applied = ?,"
-                " finished = ?, seconds = ?, target = COALESCE(?, target),"
-                " bytes_received = COALESCE(?, bytes_received), notes = ? WHERE id = ?",
-                (
-                    state,
-                    error,
-                    errno or None,
-                    chunks,
-                    utc_iso(time.time_ns()),
-                    seconds,
-                    target,
-                    received,
-                    notes,
-                    import_id,
-                ),
-            )
-    except Exception:
-        log.exception("could not record the outcome of import %d", import_id)
-
-
-def record_interrupted(sr: LocalSR, name: str, request: ImportName | None, size: int) -> None:
+def record_interrupted(sr: Backend, name: str, request: ImportName | None, size: int) -> None:
     """Record an upload whose writer died before finishing it."""
     record_not_applied(
         sr,
@@ -594,45 +546,13 @@ def record_interrupted(sr: LocalSR, name: str, request: ImportName | None, size:
 
 
 def record_not_applied(
-    sr: LocalSR, name: str, request: ImportName | None, size: int, error: str, errno: int
+    sr: Backend, name: str, request: ImportName | None, size: int, error: str, errno: int
 ) -> None:
     """Record an upload that failed before its import could start or finish."""
     fmt = request.fmt if request is not None else "unknown"
     target = request.target if request is not None else None
-    import_id = _record_start(sr, name, target, fmt, size)
-    _record_end(sr, import_id, "failed", error, errno, 0, 0.0)
-
-
-def import_status(sr: LocalSR, limit: int = 50) -> list[dict[str, Any]]:
-    rows = sr.db.execute(
-        "SELECT id, name, target, format, state, error, errno, bytes_received, chunks_applied,"
-        " started, finished, seconds, notes FROM imports ORDER BY id DESC LIMIT ?",
-        (limit,),
-    ).fetchall()
-    keys = (
-        "id",
-        "name",
-        "target",
-        "format",
-        "state",
-        "error",
-        "errno",
-        "bytes_received",
-        "chunks_applied",
-        "started",
-        "finished",
-        "seconds",
-        "notes",
-    )
-    out = []
-    for row in rows:
-        item = dict(zip(keys, row, strict=True))
-        if item["notes"] is None:
-            del item["notes"]
-        if item["errno"]:
-            item["errno_name"] = errno_module.errorcode.get(item["errno"], str(item["errno"]))
-        out.append(item)
-    return out
+    import_id = sr.imports.start(name, target, fmt, size)
+    sr.imports.end(import_id, "failed", error, errno, 0, 0.0)
 
 
 def file_reader(fd: int) -> ReadAt:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from vdifs.errors import NoSpace
 from vdifs.exports import Export
-from vdifs.formats.base import CHUNK_SIZE
-from vdifs.storage.local import LocalSR, VdiRecord, WouldBlock
+from vdifs.model import CHUNK_SIZE, VdiRecord
+from vdifs.storage.backend import Backend, WouldBlock
 
 DIRTY_LIMIT = 64 << 20  # flush when this much is buffered: bounds memory per disk
 
@@ -57,8 +57,8 @@ class NeedsFetch(Exception):
 
 
 class LiveDisk:
-    def __init__(self, sr: LocalSR, uuid: str, current: Callable[[], Export]) -> None:
-        self.sr = sr
+    def __init__(self, backend: Backend, uuid: str, current: Callable[[], Export]) -> None:
+        self.backend = backend
         self.uuid = uuid
         self._current = current  # the raw export of the disk's latest committed state
         self.dirty: dict[int, bytearray] = {}
@@ -149,7 +149,7 @@ class LiveDisk:
 
     def commit(self) -> VdiRecord:
         """Write the pending chunks in one transaction (blocking; off the loop)."""
-        with self.sr.writer(self.uuid) as writer:
+        with self.backend.writer(self.uuid) as writer:
             for chunk in sorted(self.pending):
                 writer.write_chunk(chunk, bytes(self.pending[chunk]))
             return writer.commit()

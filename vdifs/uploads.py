@@ -1,15 +1,15 @@
 """Files being written into ``import/``: staging, naming, and when to apply.
 
-An upload is staged in a sparse file under the SR's ``staging/`` as it
-arrives.  It is applied (see :mod:`vdifs.imports`) when the last handle of a
+An upload is staged in a sparse scratch file of the backend as it arrives.
+It is applied (see :mod:`vdifs.imports`) when the last handle of a
 validly named upload is closed, or when a staged file is renamed onto a valid
 name (rsync's temporary file).  Applying is blocking work: the adapter runs
 :meth:`Upload.apply` in a thread and turns its error into the errno of
 ``close()`` or ``rename()``.
 
-One import per target: a per-target ``flock`` in ``staging/`` is held from
-the moment an upload names a target until it is applied or discarded, so a
-second upload (or a concurrent ``vdifs import``) gets EBUSY.
+One import per target: the backend's import lock is held from the moment an
+upload names a target until it is applied or discarded, so a second upload
+(or a concurrent ``vdifs import``) gets EBUSY.
 
 One writer per upload: a second open for writing of a name that is being
 written gets EBUSY, and the first upload goes on unharmed.
@@ -35,11 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +52,8 @@ from vdifs.imports import (
     record_not_applied,
     run_import,
 )
-from vdifs.storage.local import LocalSR, check_name
+from vdifs.model import check_name
+from vdifs.storage.backend import Backend, Pin
 from vdifs.streaming import ImageStream, Qcow2Stream, VhdStream
 
 log = logging.getLogger(__name__)
@@ -64,19 +62,6 @@ MAX_UPLOAD_SIZE = 64 << 40  # the SR's largest disk plus any image's metadata
 SETTLED_SECONDS = 60.0  # an applied upload stays listed this long (rsync stats it after close)
 PF_EXITING = 0x4  # linux/sched.h: the task is exiting
 STREAMS: dict[str, type[ImageStream]] = {"vhd": VhdStream, "qcow2": Qcow2Stream}
-
-
-def target_lock(sr: LocalSR, key: str) -> int:
-    """Hold the one-import-per-target lock; raises Busy if someone else does."""
-    # Hashed: a key is a uuid or a VDI name of up to 255 bytes, longer than a file name allows.
-    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    fd = os.open(sr.staging_dir / f"{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Busy(f"an import into {key} is already in progress") from None
-    return fd
 
 
 def writer_was_killed(pid: int) -> bool:
@@ -94,29 +79,6 @@ def writer_was_killed(pid: int) -> bool:
     flags = int(fields[6])
     exit_code = int(fields[49]) if len(fields) > 49 else 0
     return bool(flags & PF_EXITING) and (exit_code & 0x7F) != 0
-
-
-def mark_interrupted_imports(sr: LocalSR) -> None:
-    """Imports left 'running' by a process that no longer exists are recorded as failed."""
-    rows = sr.db.execute("SELECT id, pid FROM imports WHERE state = 'running'").fetchall()
-    for import_id, pid in rows:
-        try:
-            os.kill(pid, 0)
-            continue  # still running somewhere
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, another user's
-        with sr.transaction() as db:
-            db.execute(
-                "UPDATE imports SET state = 'failed', errno = ?, error = ?"
-                " WHERE id = ? AND state = 'running'",
-                (
-                    errno.EIO,
-                    "interrupted: the process running it stopped; nothing was applied",
-                    import_id,
-                ),
-            )
 
 
 def still_open_by(pid: int, name: str) -> bool:
@@ -144,12 +106,12 @@ def still_open_by(pid: int, name: str) -> bool:
 
 @dataclass
 class Upload:
-    sr: LocalSR
+    sr: Backend
     name: str
     path: Path
     fd: int
     request: ImportName | None
-    lock_fd: int | None = None
+    lock: Pin | None = None
     size: int = 0
     handles: int = 0
     write_handles: int = 0  # at most one: a second writer gets EBUSY
@@ -284,38 +246,18 @@ class Upload:
             self.fd = -1
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 class Uploads:
     """The ``import/`` directory's live entries."""
 
-    def __init__(self, sr: LocalSR, read_only: bool = False) -> None:
+    def __init__(self, sr: Backend, read_only: bool = False) -> None:
         self.sr = sr
         self.read_only = read_only
         self.entries: dict[str, Upload] = {}
-        self.remove_stale()
-
-    def remove_stale(self) -> None:
-        """Staging files of a daemon that died are garbage: nobody can finish them.
-
-        Its imports still marked running are recorded as interrupted.
-        """
-        mark_interrupted_imports(self.sr)
-        for entry in os.scandir(self.sr.staging_dir):
-            if not entry.name.endswith(".upload"):
-                continue
-            fd = os.open(entry.path, os.O_RDONLY)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            finally:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
 
     def _request(self, name: str) -> ImportName | None:
         if len(name.encode("utf-8", "surrogateescape")) > 255:
@@ -334,17 +276,11 @@ class Uploads:
             raise ReadOnly(f"VDI {request.target} is a snapshot: it cannot be imported into")
         return request
 
-    def _lock(self, request: ImportName | None) -> int | None:
+    def _lock(self, request: ImportName | None) -> Pin | None:
         if request is None:
             return None
         key = request.target if request.target is not None else f"new-{request.new_name}"
-        return target_lock(self.sr, key)
-
-    def _staging_file(self) -> tuple[Path, int]:
-        path = self.sr.staging_dir / f"{secrets.token_hex(8)}.upload"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # marks it live for remove_stale in other processes
-        return path, fd
+        return self.sr.import_lock(key)
 
     def _take_name(self, name: str) -> None:
         """Free a name for a new upload: a settled stub gives way, a live one does not."""
@@ -360,11 +296,11 @@ class Uploads:
             raise ReadOnly("the mount is read-only")
         self._take_name(name)
         request = self._request(name)
-        lock_fd = self._lock(request)
-        path, fd = self._staging_file()
+        lock = self._lock(request)
+        path, fd = self.sr.scratch_file()
         # A created file is an attempt even if nothing is written: an empty
         # image is refused, never silently ignored.
-        upload = Upload(self.sr, name, path, fd, request, lock_fd, dirty=True, write_handles=1)
+        upload = Upload(self.sr, name, path, fd, request, lock, dirty=True, write_handles=1)
         upload.start_stream()
         upload.writers.add(pid)
         self.entries[name] = upload
@@ -383,9 +319,9 @@ class Uploads:
             raise Busy(f"{upload.name} is being applied")
         if upload.settled_ns is not None:
             request = self._request(upload.name)
-            lock_fd = self._lock(request)
-            upload.path, upload.fd = self._staging_file()
-            upload.request, upload.lock_fd = request, lock_fd
+            lock = self._lock(request)
+            upload.path, upload.fd = self.sr.scratch_file()
+            upload.request, upload.lock = request, lock
             upload.applied = upload.failed = upload.start_written = upload.any_written = False
             # With O_TRUNC (cp) a new upload, even if nothing is written (an empty
             # image is refused); without, nothing until written, and then from byte 0.
@@ -434,10 +370,10 @@ class Uploads:
             raise Busy(f"{old} was already applied")
         self._take_name(new)
         request = self._request(new)
-        lock_fd = self._lock(request)
-        if upload.lock_fd is not None:
-            os.close(upload.lock_fd)
-        upload.lock_fd = lock_fd
+        lock = self._lock(request)
+        if upload.lock is not None:
+            upload.lock.release()
+        upload.lock = lock
         upload.request = request
         upload.name = new
         if upload.stream is not None:

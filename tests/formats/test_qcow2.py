@@ -28,21 +28,9 @@ from hypothesis import strategies as st
 
 from vdifs.errors import InvalidArgument, TooLarge
 from vdifs.formats import c_qcow2
-from vdifs.formats.base import (
-    BLOCK_SIZE,
-    CHUNK_SIZE,
-    CHUNKS_PER_BLOCK,
-    FULL_MASK,
-    Allocation,
-    Data,
-    ImageIdentity,
-    Meta,
-    ParentRef,
-    ReadVirtual,
-    Zero,
-    render,
-)
+from vdifs.formats.base import Data, ImageIdentity, Meta, ParentRef, ReadVirtual, Zero, render
 from vdifs.formats.qcow2 import Qcow2Layout
+from vdifs.model import BLOCK_SIZE, CHUNK_SIZE, CHUNKS_PER_BLOCK, FULL_MASK, Allocation
 
 KiB = 1024
 MiB = 1024 * KiB

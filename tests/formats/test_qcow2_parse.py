@@ -23,7 +23,7 @@ from tests.conftest import FUZZ_DERANDOMIZE, FUZZ_EXAMPLES
 from tests.formats.test_qcow2 import allocation_of, identity, random_chunks, write_raw
 from vdifs.errors import MalformedImage, TooLarge, Unsupported
 from vdifs.formats import c_qcow2, qcow2_parse
-from vdifs.formats.base import CHUNK_SIZE, ParentRef, render
+from vdifs.formats.base import ParentRef, render
 from vdifs.formats.qcow2 import Qcow2Layout
 from vdifs.formats.qcow2_parse import (
     MAX_IMPORT_VIRTUAL_SIZE,
@@ -32,6 +32,7 @@ from vdifs.formats.qcow2_parse import (
     inflate_cluster,
     parse_qcow2,
 )
+from vdifs.model import CHUNK_SIZE
 
 KiB = 1024
 MiB = 1024 * KiB

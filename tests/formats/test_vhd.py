@@ -22,21 +22,9 @@ from hypothesis import strategies as st
 
 from vdifs.errors import TooLarge
 from vdifs.formats import c_vhd
-from vdifs.formats.base import (
-    BLOCK_SIZE,
-    CHUNK_SIZE,
-    CHUNKS_PER_BLOCK,
-    FULL_MASK,
-    SECTOR_SIZE,
-    Allocation,
-    Data,
-    ImageIdentity,
-    Meta,
-    ParentRef,
-    Zero,
-    render,
-)
+from vdifs.formats.base import Data, ImageIdentity, Meta, ParentRef, Zero, render
 from vdifs.formats.vhd import VhdLayout
+from vdifs.model import BLOCK_SIZE, CHUNK_SIZE, CHUNKS_PER_BLOCK, FULL_MASK, SECTOR_SIZE, Allocation
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

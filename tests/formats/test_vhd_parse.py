@@ -19,18 +19,10 @@ from hypothesis import strategies as st
 from tests.conftest import FUZZ_DERANDOMIZE, FUZZ_EXAMPLES
 from vdifs.errors import MalformedImage, TooLarge, Unsupported
 from vdifs.formats import c_vhd
-from vdifs.formats.base import (
-    BLOCK_SIZE,
-    CHUNK_SIZE,
-    CHUNKS_PER_BLOCK,
-    FULL_MASK,
-    Allocation,
-    ImageIdentity,
-    ParentRef,
-    render,
-)
+from vdifs.formats.base import ImageIdentity, ParentRef, render
 from vdifs.formats.vhd import VhdLayout
 from vdifs.formats.vhd_parse import MAX_TABLE_ENTRIES, ParsedImage, Write, parse_vhd
+from vdifs.model import BLOCK_SIZE, CHUNK_SIZE, CHUNKS_PER_BLOCK, FULL_MASK, Allocation
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

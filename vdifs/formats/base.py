@@ -10,18 +10,11 @@ reads from wherever the disk lives.  No function here does I/O.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-SECTOR_SIZE = 512
-CHUNK_SIZE = 64 * 1024
-"""Unit of identity, allocation and change tracking (a qcow2 cluster)."""
-BLOCK_SIZE = 2 * 1024 * 1024
-"""Unit of a block map row (a VHD block)."""
-CHUNKS_PER_BLOCK = BLOCK_SIZE // CHUNK_SIZE
-FULL_MASK = (1 << CHUNKS_PER_BLOCK) - 1
+from vdifs.model import CHUNK_SIZE, CHUNKS_PER_BLOCK, Allocation
 
 
 def trailing_zeros(mask: int) -> int:
@@ -56,45 +49,6 @@ class Zero(NamedTuple):
 
 
 Segment = Meta | Data | Zero
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """Which chunks an image carries, block by block.
-
-    ``blocks`` holds the indexes of 2 MiB blocks that carry at least one chunk,
-    strictly ascending; ``masks[i]`` has bit ``c`` (LSB first) set when chunk
-    ``c`` of ``blocks[i]`` is carried.  A carried chunk is read from the
-    virtual disk; every other byte of the image's virtual disk reads as zero
-    (full image) or as the parent's (delta image).  Chunks past
-    ``virtual_size`` are never carried.
-    """
-
-    virtual_size: int
-    blocks: array[int] = field(default_factory=lambda: array("Q"))
-    masks: array[int] = field(default_factory=lambda: array("L"))
-
-    def __post_init__(self) -> None:
-        if self.virtual_size < 0 or self.virtual_size % SECTOR_SIZE:
-            raise ValueError(f"virtual size {self.virtual_size} is not a sector multiple")
-        if len(self.blocks) != len(self.masks):
-            raise ValueError("blocks and masks differ in length")
-
-    @property
-    def chunk_count(self) -> int:
-        return sum(mask.bit_count() for mask in self.masks)
-
-    def whole_blocks(self) -> Allocation:
-        """The same blocks, each carried whole: every chunk of it inside the disk."""
-        disk_chunks = -(-self.virtual_size // CHUNK_SIZE)
-        masks = array(
-            "L",
-            (
-                (1 << max(0, min(CHUNKS_PER_BLOCK, disk_chunks - block * CHUNKS_PER_BLOCK))) - 1
-                for block in self.blocks
-            ),
-        )
-        return Allocation(self.virtual_size, self.blocks, masks)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 
+from vdifs.model import ceil_div
+
 MAGIC = b"QFI\xfb"
 VERSION_2 = 2
 VERSION_3 = 3
@@ -184,7 +186,7 @@ def compressed_offset_bits(cluster_bits: int) -> int:
 
 
 def round_up(value: int, unit: int) -> int:
-    return -(-value // unit) * unit
+    return ceil_div(value, unit) * unit
 
 
 def extension_padding(length: int) -> int:

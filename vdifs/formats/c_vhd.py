@@ -13,6 +13,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from vdifs.model import ceil_div
+
 SECTOR_SIZE = 512
 
 # --- Footer (512 bytes, at EOF; dynamic and differencing disks also keep a copy at 0) ---
@@ -144,7 +146,7 @@ BAT_UNUSED_BYTES = b"\xff\xff\xff\xff"
 
 def sectors_for(size: int) -> int:
     """Sectors needed to hold ``size`` bytes."""
-    return -(-size // SECTOR_SIZE)
+    return ceil_div(size, SECTOR_SIZE)
 
 
 def round_up_to_sector(size: int) -> int:
@@ -153,7 +155,7 @@ def round_up_to_sector(size: int) -> int:
 
 def bitmap_size(block_size: int) -> int:
     """Bytes of the sector bitmap before each block: one bit per sector, sector-padded."""
-    return round_up_to_sector(-(-(block_size // SECTOR_SIZE) // 8))
+    return round_up_to_sector(ceil_div(block_size // SECTOR_SIZE, 8))
 
 
 def checksum(structure: bytes | bytearray, checksum_offset: int) -> int:

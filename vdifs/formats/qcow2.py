@@ -36,10 +36,6 @@ from itertools import accumulate
 from vdifs.errors import InvalidArgument, TooLarge
 from vdifs.formats import c_qcow2
 from vdifs.formats.base import (
-    CHUNK_SIZE,
-    CHUNKS_PER_BLOCK,
-    FULL_MASK,
-    Allocation,
     Data,
     ImageIdentity,
     Meta,
@@ -50,6 +46,7 @@ from vdifs.formats.base import (
     trailing_ones,
     trailing_zeros,
 )
+from vdifs.model import CHUNK_SIZE, CHUNKS_PER_BLOCK, FULL_MASK, Allocation, ceil_div
 
 CLUSTER_SIZE = c_qcow2.CLUSTER_SIZE
 ENTRY_SIZE = c_qcow2.TABLE_ENTRY.size
@@ -79,8 +76,8 @@ class Qcow2Layout:
         parent: ParentRef | None = None,
     ) -> None:
         virtual_size = allocation.virtual_size
-        virtual_clusters = -(-virtual_size // CLUSTER_SIZE)
-        l1_entries = -(-virtual_clusters // L2_ENTRIES)
+        virtual_clusters = ceil_div(virtual_size, CLUSTER_SIZE)
+        l1_entries = ceil_div(virtual_clusters, L2_ENTRIES)
         if l1_entries > c_qcow2.MAX_L1_ENTRIES:
             raise TooLarge(
                 f"virtual size {virtual_size} needs an L1 table of {l1_entries} entries, "
@@ -107,7 +104,7 @@ class Qcow2Layout:
         )
         """L1 indexes that get an L2 table, ascending: the t-th one owns L2 table t."""
         data_clusters = self._carried_before[-1]
-        l1_clusters = -(-l1_entries * ENTRY_SIZE // CLUSTER_SIZE)
+        l1_clusters = ceil_div(l1_entries * ENTRY_SIZE, CLUSTER_SIZE)
 
         # Refcount blocks cover every cluster, themselves and the table included:
         # grow both until the count they cover stops moving.
@@ -115,8 +112,8 @@ class Qcow2Layout:
         table_clusters = refcount_blocks = 0
         while True:
             total = other_clusters + table_clusters + refcount_blocks
-            needed_blocks = -(-total // REFCOUNTS_PER_BLOCK)
-            needed_table = -(-needed_blocks * ENTRY_SIZE // CLUSTER_SIZE)
+            needed_blocks = ceil_div(total, REFCOUNTS_PER_BLOCK)
+            needed_table = ceil_div(needed_blocks * ENTRY_SIZE, CLUSTER_SIZE)
             if (needed_blocks, needed_table) == (refcount_blocks, table_clusters):
                 break
             refcount_blocks, table_clusters = needed_blocks, needed_table
@@ -251,7 +248,7 @@ class Qcow2Layout:
         blocks = self._allocation.blocks
         masks = self._allocation.masks
         first_position = bisect_left(blocks, first_cluster // CHUNKS_PER_BLOCK)
-        stop_position = bisect_left(blocks, -(-stop_cluster // CHUNKS_PER_BLOCK))
+        stop_position = bisect_left(blocks, ceil_div(stop_cluster, CHUNKS_PER_BLOCK))
         for position in range(first_position, stop_position):
             block_cluster = blocks[position] * CHUNKS_PER_BLOCK
             mask = masks[position]
@@ -326,7 +323,7 @@ def _sliced(entries: Callable[[int, int], bytes], entry_size: int) -> Callable[[
 
     def table_bytes(start: int, end: int) -> bytes:
         first = start // entry_size
-        stop = -(-end // entry_size)
+        stop = ceil_div(end, entry_size)
         skip = first * entry_size
         return entries(first, stop)[start - skip : end - skip]
 

@@ -35,7 +35,8 @@ from typing import NamedTuple
 
 from vdifs.errors import MalformedImage, TooLarge, Unsupported, VdifsError
 from vdifs.formats import c_qcow2
-from vdifs.formats.base import SECTOR_SIZE, NotStreamable
+from vdifs.formats.base import NotStreamable
+from vdifs.model import SECTOR_SIZE, ceil_div
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -142,8 +143,8 @@ def metadata_length(read_at: ReadAt, available: int) -> int:
             return 1 << cluster_bits
         header = _Header.read(read_at, available)
         l2_entries = header.cluster_size // c_qcow2.TABLE_ENTRY.size
-        virtual_clusters = -(-header.virtual_size // header.cluster_size)
-        l1_entries = min(-(-virtual_clusters // l2_entries), header.l1_size)
+        virtual_clusters = ceil_div(header.virtual_size, header.cluster_size)
+        l1_entries = min(ceil_div(virtual_clusters, l2_entries), header.l1_size)
         need = header.l1_table_offset + l1_entries * c_qcow2.TABLE_ENTRY.size
         if need > MAX_STREAM_HEAD:
             raise NotStreamable("the L1 table is not near the start")
@@ -166,8 +167,8 @@ def streamed_size(read_at: ReadAt, head_length: int) -> int:
     lies within it, and the importer checks at the end that each one arrived.
     """
     header = _Header.read(read_at, head_length)
-    clusters = -(-header.virtual_size // header.cluster_size)
-    return (-(-head_length // header.cluster_size) + clusters) * header.cluster_size
+    clusters = ceil_div(header.virtual_size, header.cluster_size)
+    return (ceil_div(head_length, header.cluster_size) + clusters) * header.cluster_size
 
 
 def inflate_cluster(data: bytes, length: int) -> bytes:
@@ -435,8 +436,8 @@ class _ClusterMap:
                 f"{MAX_IMPORT_VIRTUAL_SIZE} bytes (64 TiB)"
             )
         l2_entries = cluster_size // c_qcow2.TABLE_ENTRY.size
-        virtual_clusters = -(-virtual_size // cluster_size)
-        l1_needed = -(-virtual_clusters // l2_entries)
+        virtual_clusters = ceil_div(virtual_size, cluster_size)
+        l1_needed = ceil_div(virtual_clusters, l2_entries)
         if l1_needed > c_qcow2.MAX_L1_ENTRIES:
             raise TooLarge(
                 f"virtual size {virtual_size} needs {l1_needed} L1 entries at "
@@ -507,7 +508,7 @@ class _ClusterMap:
         also checks every entry and notes which host clusters each table
         uses, so later passes skip the tables outside their window.
         """
-        host_clusters = -(-self.file_size // self.cluster_size)
+        host_clusters = ceil_div(self.file_size, self.cluster_size)
         table_spans: list[tuple[int, int]] = []
         for window_start in range(0, host_clusters, SCAN_WINDOW_CLUSTERS):
             window_stop = min(window_start + SCAN_WINDOW_CLUSTERS, host_clusters)
@@ -540,7 +541,7 @@ class _ClusterMap:
         file_size = self.file_size
         l2_entries = cluster_size // c_qcow2.TABLE_ENTRY.size
         first_cluster = self.l1_indexes[table] * l2_entries
-        virtual_clusters = -(-self.virtual_size // cluster_size)
+        virtual_clusters = ceil_div(self.virtual_size, cluster_size)
         used = min(l2_entries, virtual_clusters - first_cluster)
         l2_offset = self.l2_clusters[table] << cluster_bits
         entries = _entries(_read(self.read_at, file_size, l2_offset, used * 8))
@@ -706,7 +707,7 @@ def _table_clusters(
     """Host cluster range of a table, checked to be aligned, past cluster 0, inside the file."""
     if offset % cluster_size or offset < cluster_size or offset + length > file_size:
         raise MalformedImage(f"{what} at {offset:#x} ({length} bytes) is misplaced")
-    return offset // cluster_size, -(-(offset + length) // cluster_size)
+    return offset // cluster_size, ceil_div(offset + length, cluster_size)
 
 
 def _refuse_overlap(what: str, clusters: tuple[int, int], others: list[tuple[int, int]]) -> None:

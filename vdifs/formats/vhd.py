@@ -33,11 +33,6 @@ from functools import cached_property
 from vdifs.errors import InvalidArgument, TooLarge
 from vdifs.formats import c_vhd
 from vdifs.formats.base import (
-    BLOCK_SIZE,
-    CHUNK_SIZE,
-    CHUNKS_PER_BLOCK,
-    SECTOR_SIZE,
-    Allocation,
     Data,
     ImageIdentity,
     Meta,
@@ -48,6 +43,7 @@ from vdifs.formats.base import (
     trailing_ones,
     trailing_zeros,
 )
+from vdifs.model import BLOCK_SIZE, CHUNK_SIZE, CHUNKS_PER_BLOCK, SECTOR_SIZE, Allocation, ceil_div
 
 BITMAP_SIZE = c_vhd.bitmap_size(BLOCK_SIZE)
 BLOCK_STRIDE = BITMAP_SIZE + BLOCK_SIZE
@@ -83,7 +79,7 @@ class VhdLayout:
         _check_uuid(identity.uuid, "image")
         if parent is not None:
             allocation = allocation.whole_blocks()
-        table_entries = -(-virtual_size // BLOCK_SIZE)
+        table_entries = ceil_div(virtual_size, BLOCK_SIZE)
         blocks = allocation.blocks
         if blocks and blocks[-1] >= table_entries:
             raise ValueError(f"block {blocks[-1]} is past the virtual size {virtual_size}")
@@ -168,7 +164,7 @@ class VhdLayout:
         """Bytes ``[start, end)`` of the BAT, built only for the entries they touch."""
         entry_size = c_vhd.BAT_ENTRY.size
         first_entry = start // entry_size
-        end_entry = -(-end // entry_size)
+        end_entry = ceil_div(end, entry_size)
         table = bytearray(c_vhd.BAT_UNUSED_BYTES * (end_entry - first_entry))
         blocks = self._allocation.blocks
         # Padding entries past the table are never matched: every block < table_entries.

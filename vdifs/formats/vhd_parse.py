@@ -25,6 +25,7 @@ from typing import NamedTuple
 from vdifs.errors import MalformedImage, TooLarge, Unsupported, VdifsError
 from vdifs.formats import c_vhd
 from vdifs.formats.base import NotStreamable
+from vdifs.model import ceil_div
 
 SECTOR_SIZE = c_vhd.SECTOR_SIZE
 
@@ -110,7 +111,7 @@ class ParsedImage:
             if self.virtual_size:
                 yield Write(0, self.virtual_size, 0)
             return
-        used_bitmap_bytes = -(-self._blocks.block_size // SECTOR_SIZE // 8)
+        used_bitmap_bytes = ceil_div(self._blocks.block_size // SECTOR_SIZE, 8)
         for span in self.blocks():
             bitmap = _read_exactly(self._blocks.read_at, span.bitmap_offset, used_bitmap_bytes)
             yield from self.block_writes(span, bitmap)
@@ -138,7 +139,7 @@ class ParsedImage:
         valid_sectors = min(sectors_per_block, (self.virtual_size - virtual_start) // SECTOR_SIZE)
         if valid_sectors <= 0:
             return  # a block past the disk, in a table longer than needed
-        bitmap = bitmap[: -(-sectors_per_block // 8)]
+        bitmap = bitmap[: ceil_div(sectors_per_block, 8)]
         for first, end in _set_runs(bitmap, valid_sectors):
             yield Write(
                 virtual_start + first * SECTOR_SIZE,
@@ -189,7 +190,7 @@ def parse_vhd(read_at: ReadAt, file_size: int) -> ParsedImage:
     header_offset = footer.data_offset
     _check_inside("dynamic header", header_offset, c_vhd.HEADER_SIZE, footer_offset)
     header = _Header.parse(_read_exactly(read_at, header_offset, c_vhd.HEADER_SIZE))
-    needed_entries = -(-footer.current_size // header.block_size)
+    needed_entries = ceil_div(footer.current_size, header.block_size)
     if header.table_entries < needed_entries:
         raise MalformedImage(
             f"{header.table_entries} BAT entries of {header.block_size} bytes cannot hold "

@@ -23,6 +23,7 @@ import trio
 from vdifs.errors import Busy, InvalidArgument
 from vdifs.fs.ops import VdifsOperations
 from vdifs.fs.tree import Tree
+from vdifs.storage.backend import Backend
 from vdifs.storage.local import LocalSR
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,22 @@ async def _stop_on_signals() -> None:
 
 
 def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None:
-    """Mount and serve until unmounted or signalled."""
-    faulthandler.register(signal.SIGUSR1)
+    """Mount the embedded SR at ``sr_path`` and serve until unmounted or signalled."""
     check_free(mountpoint)
     sr = LocalSR(sr_path)
-    tree = Tree(sr, read_only="ro" in options, snapshot_admin="snapshot_admin" in options)
+    try:
+        serve(sr, mountpoint, options)
+    finally:
+        sr.close()
+
+
+def serve(backend: Backend, mountpoint: Path, options: set[str]) -> None:
+    """Mount any backend and serve until unmounted or signalled."""
+    faulthandler.register(signal.SIGUSR1)
+    tree = Tree(backend, read_only="ro" in options, snapshot_admin="snapshot_admin" in options)
     ops = VdifsOperations(tree, direct_io_images="direct_io" in options)
     pyfuse3.init(ops, str(mountpoint), set(BASE_OPTIONS | (options - VDIFS_OPTIONS)))
-    log.info("serving %s on %s", sr_path, mountpoint)
+    log.info("serving %s on %s", backend.description, mountpoint)
     try:
         trio.run(_serve, ops, mountpoint)
     except BaseException:
@@ -141,7 +150,6 @@ def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None
         raise
     pyfuse3.close(unmount=True)
     tree.uploads.close_all()
-    sr.close()
 
 
 def mount_background(sr_path: Path, mountpoint: Path, option_text: str | None, debug: bool) -> None:

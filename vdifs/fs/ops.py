@@ -9,8 +9,10 @@ but FUSEError).
 
 Threads: reads first try the page cache on the event loop (``RWF_NOWAIT``);
 only a read that would wait for the disk goes to a worker thread, once per
-request, under :data:`BACKEND_LIMITER`.  Commits (hashing, fsync) always run
-in a thread.
+request.  Commits (hashing, fsync) always run in a thread.  Each purpose has
+its own limiter, so that imports never starve readers: :data:`READS` (reads
+that would block), :data:`UPLOADS` (storing the writes of uploads) and
+:data:`APPLIES` (applying an import, committing a live disk).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from vdifs.fs.pipeline import WritePipeline
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
 from vdifs.fs.window import Windows
 from vdifs.livedisk import DIRTY_LIMIT, Fetched, LiveDisk, NeedsFetch
-from vdifs.storage.local import PackPins, WouldBlock
+from vdifs.model import ceil_div
+from vdifs.storage.backend import Pin, WouldBlock
 from vdifs.uploads import Upload, apply_or_explain, still_open_by
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,9 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-BACKEND_LIMITER = trio.CapacityLimiter(4)
+READS = trio.CapacityLimiter(4)
+UPLOADS = trio.CapacityLimiter(2)
+APPLIES = trio.CapacityLimiter(2)
 RENAME_EXCHANGE = 2  # linux/fs.h
 REFRESH_INTERVAL = 0.5  # seconds between checks for changes made by other processes
 BLKSIZE = 1 << 20
@@ -74,7 +79,7 @@ async def nonblocking(fn: Callable[[bool], T]) -> T:
     try:
         return fn(True)
     except WouldBlock:
-        return await trio.to_thread.run_sync(fn, False, limiter=BACKEND_LIMITER)
+        return await trio.to_thread.run_sync(fn, False, limiter=READS)
 
 
 async def on_live_disk(call: Callable[[Fetched | None], T]) -> T:
@@ -84,7 +89,7 @@ async def on_live_disk(call: Callable[[Fetched | None], T]) -> T:
         try:
             return call(fetched)
         except NeedsFetch as need:
-            fetched = await trio.to_thread.run_sync(need.fetch, limiter=BACKEND_LIMITER)
+            fetched = await trio.to_thread.run_sync(need.fetch, limiter=READS)
 
 
 @dataclass
@@ -95,7 +100,7 @@ class Handle:
     upload: Upload | None = None  # a file being written into import/
     writing: bool = False  # opened for writing (an upload has one such handle at most)
     data: bytes | None = None  # small generated files (info.json), pinned at open
-    pins: PackPins | None = None  # keeps gc off the data an open export reads
+    pins: Pin | None = None  # keeps the data an open export reads from being reclaimed
 
 
 class VdifsOperations(pyfuse3.Operations):
@@ -196,7 +201,7 @@ class VdifsOperations(pyfuse3.Operations):
         entry.st_gid = self.gid
         entry.st_size = export.size
         entry.st_blksize = BLKSIZE
-        entry.st_blocks = -(-export.allocated_bytes // 512)
+        entry.st_blocks = ceil_div(export.allocated_bytes, 512)
         mtime = export.state.record.changed_ns
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime
         entry.attr_timeout = entry.entry_timeout = 0
@@ -218,9 +223,7 @@ class VdifsOperations(pyfuse3.Operations):
                 upload = self.tree.uploads.get(node[1])
                 await self._settle(upload)
                 # Blocking: growing a streamed image applies the new zeros.
-                await trio.to_thread.run_sync(
-                    upload.truncate, attr.st_size, limiter=BACKEND_LIMITER
-                )
+                await trio.to_thread.run_sync(upload.truncate, attr.st_size, limiter=UPLOADS)
             return self._entry(node)
         if fields.update_size and attr.st_size != self.tree.attr(node).size:
             # A disk's size is fixed; truncation (cp's O_TRUNC) would destroy it.
@@ -242,13 +245,11 @@ class VdifsOperations(pyfuse3.Operations):
 
     @_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        st = os.statvfs(self.tree.sr.path)
+        block_size, blocks, free = await trio.to_thread.run_sync(self.tree.sr.space)
         data = pyfuse3.StatvfsData()
-        data.f_bsize = st.f_bsize
-        data.f_frsize = st.f_frsize
-        data.f_blocks = st.f_blocks
-        data.f_bfree = st.f_bfree
-        data.f_bavail = st.f_bavail
+        data.f_bsize = data.f_frsize = block_size
+        data.f_blocks = blocks
+        data.f_bfree = data.f_bavail = free
         data.f_files = len(self._nodes) + 1000
         data.f_ffree = 1000
         data.f_favail = 1000
@@ -339,7 +340,7 @@ class VdifsOperations(pyfuse3.Operations):
             export = None
         pins = None
         if export is not None:
-            pins = self.tree.sr.pin(export.state.block_map.packs)
+            pins = self.tree.sr.keep_readable(export.state.content)
         self._handles[fh] = Handle(node, export, live, pins=pins)
         # Snapshot files never change: keep their page cache across opens.  A
         # read-only open of a live raw.img reads the state it pinned, which the
@@ -384,7 +385,7 @@ class VdifsOperations(pyfuse3.Operations):
             pipeline = self._pipelines.get(id(upload))
             if pipeline is None:
                 assert self._nursery is not None
-                pipeline = WritePipeline(upload.store, self._nursery, BACKEND_LIMITER)
+                pipeline = WritePipeline(upload.store, self._nursery, UPLOADS)
                 self._pipelines[id(upload)] = pipeline
             pipeline.raise_error()
             upload.accept(off, len(buf))
@@ -405,7 +406,7 @@ class VdifsOperations(pyfuse3.Operations):
             ok = False
             changed: set[str] = set()
             try:
-                await trio.to_thread.run_sync(live.commit, limiter=BACKEND_LIMITER)
+                await trio.to_thread.run_sync(live.commit, limiter=APPLIES)
                 ok = True
             finally:
                 # The new state is in place before the buffer lets go of the chunks.
@@ -422,7 +423,7 @@ class VdifsOperations(pyfuse3.Operations):
         try:
             await pipeline.settle()
         except BaseException as exc:
-            await trio.to_thread.run_sync(upload.abandon, exc, limiter=BACKEND_LIMITER)
+            await trio.to_thread.run_sync(upload.abandon, exc, limiter=UPLOADS)
             raise
 
     async def _await_outcome(self, upload: Upload) -> None:
@@ -446,9 +447,7 @@ class VdifsOperations(pyfuse3.Operations):
         upload.applied = True
         done = self._applying[id(upload)] = trio.Event()
         try:
-            result = await trio.to_thread.run_sync(
-                apply_or_explain, upload, limiter=BACKEND_LIMITER
-            )
+            result = await trio.to_thread.run_sync(apply_or_explain, upload, limiter=APPLIES)
         finally:
             del self._applying[id(upload)]
             done.set()

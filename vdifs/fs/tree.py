@@ -27,9 +27,8 @@ from xml.sax.saxutils import escape
 
 from vdifs.errors import NotFound, ReadOnly
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
-from vdifs.imports import import_status
-from vdifs.storage.local import LocalSR, VdiRecord
-from vdifs.storage.vms import VmRecord, Vms
+from vdifs.model import VdiRecord, VmRecord, ceil_div, iso_to_unix
+from vdifs.storage.backend import Backend
 from vdifs.uploads import Uploads
 
 log = logging.getLogger(__name__)
@@ -135,12 +134,12 @@ class Tree:
     EXPORT_CACHE = 8192  # an export holds a layout (small) over a cached state
 
     def __init__(
-        self, sr: LocalSR, *, read_only: bool = False, snapshot_admin: bool = False
+        self, sr: Backend, *, read_only: bool = False, snapshot_admin: bool = False
     ) -> None:
         self.sr = sr
         self.read_only = read_only
         self.snapshot_admin = snapshot_admin
-        self.vm_model = Vms(sr)
+        self.vm_model = sr.vms
         self.records: dict[str, VdiRecord] = {}
         self.vms: dict[str, VmRecord] = {}
         self.by_lineage: dict[str, list[str]] = {}
@@ -207,18 +206,18 @@ class Tree:
         if state is not None and state.record.generation >= record.generation:
             self._states.move_to_end(uuid)
             return state
-        fresh, block_map = self.sr.snapshot_state(uuid, known=record)
+        fresh, content = self.sr.state(uuid, known=record)
         # fresh may be newer than the last refresh: the SR moved on; serve it.
         if state is not None:
-            self._state_bytes -= len(state.block_map.ids)
-        state = self._states[uuid] = DiskState(fresh, block_map)
+            self._state_bytes -= state.content.footprint
+        state = self._states[uuid] = DiskState(fresh, content)
         self._states.move_to_end(uuid)
-        self._state_bytes += len(block_map.ids)
+        self._state_bytes += content.footprint
         while len(self._states) > 1 and (
             self._state_bytes > self.STATE_CACHE_BYTES or len(self._states) > self.STATE_CACHE_MAX
         ):
             _uuid, evicted = self._states.popitem(last=False)
-            self._state_bytes -= len(evicted.block_map.ids)
+            self._state_bytes -= evicted.content.footprint
         return state
 
     def export(self, uuid: str, fmt: str, base: str | None = None) -> Export:
@@ -280,10 +279,7 @@ class Tree:
     def snapshot_xml(self, uuid: str) -> bytes:
         """libvirt's ``<domainsnapshot>`` vocabulary for a VM snapshot."""
         snap = self.vm(uuid)
-        created = int(
-            time.mktime(time.strptime(snap.snapshot_time or snap.created, "%Y-%m-%dT%H:%M:%SZ"))
-            - time.timezone
-        )
+        created = iso_to_unix(snap.snapshot_time or snap.created)
         lines = [
             "<domainsnapshot>",
             f"  <name>{escape(snap.name_label)}</name>",
@@ -309,7 +305,7 @@ class Tree:
     def import_outcomes(self) -> dict[str, dict[str, Any]]:
         """The latest outcome of each recent import, by uploaded file name."""
         latest: dict[str, dict[str, Any]] = {}
-        for item in import_status(self.sr, STATUS_HISTORY):
+        for item in self.sr.imports.recent(STATUS_HISTORY):
             latest.setdefault(item["name"], item)
         return latest
 
@@ -493,7 +489,7 @@ class Tree:
             # Never cached: an upload vanishes once applied, and the same name
             # must then be creatable again at once.
             return Attr(
-                stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, -(-upload.size // 512), 0.0
+                stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, ceil_div(upload.size, 512), 0.0
             )
         if kind == "info":
             return self._cached_attr(node, (self.record(node[1]),), self._generated_attr)
@@ -532,7 +528,7 @@ class Tree:
             stat.S_IFREG | mode,
             export.size,
             record.changed_ns,
-            blocks=-(-export.allocated_bytes // 512),
+            blocks=ceil_div(export.allocated_bytes, 512),
             timeout=IMMUTABLE_TIMEOUT if immutable else MUTABLE_TIMEOUT,
         )
 

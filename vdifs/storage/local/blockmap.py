@@ -17,7 +17,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from vdifs.formats.base import BLOCK_SIZE, CHUNK_SIZE, CHUNKS_PER_BLOCK, Allocation
+from vdifs.model import BLOCK_SIZE, CHUNK_SIZE, CHUNKS_PER_BLOCK, Allocation, ceil_div
 
 ROW_BYTES = CHUNKS_PER_BLOCK * 8
 ZERO_ROW = bytes(ROW_BYTES)
@@ -62,6 +62,10 @@ class BlockMap:
         ids = array("Q")
         ids.frombytes(self.ids)
         return frozenset(i >> 32 for i in ids if i)
+
+    @property
+    def footprint(self) -> int:
+        return len(self.ids) + 12 * len(self.indexes)
 
     @property
     def chunk_count(self) -> int:
@@ -115,7 +119,7 @@ class BlockMap:
         masks: array[int] = array("L")
         i = j = 0
         mine, theirs = self.indexes, base.indexes
-        limit_chunks = -(-self.virtual_size // CHUNK_SIZE)
+        limit_chunks = ceil_div(self.virtual_size, CHUNK_SIZE)
         while i < len(mine) or j < len(theirs):
             a = mine[i] if i < len(mine) else None
             b = theirs[j] if j < len(theirs) else None
@@ -157,4 +161,4 @@ def _mask_below(block: int, limit_chunks: int) -> int:
 
 
 def blocks_in(virtual_size: int) -> int:
-    return -(-virtual_size // BLOCK_SIZE)
+    return ceil_div(virtual_size, BLOCK_SIZE)

@@ -21,12 +21,9 @@ being written are flock()ed so that a concurrent process never removes them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import functools
 import hashlib
 import logging
-import mmap
 import os
 import secrets
 import sqlite3
@@ -35,132 +32,40 @@ import time
 import uuid as uuidlib
 from array import array
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from vdifs.errors import (
     Busy,
     InvalidArgument,
-    NoSpace,
     NotFound,
     ReadOnly,
     StorageError,
 )
-from vdifs.formats.base import CHUNK_SIZE, CHUNKS_PER_BLOCK, SECTOR_SIZE
-from vdifs.storage.blockmap import ROW_BYTES, ZERO_ROW, BlockMap, row_mask
+from vdifs.model import CHUNK_SIZE, VdiRecord, check_name, utc_iso
+from vdifs.storage.backend import Capabilities, ContentMap, WouldBlock
+from vdifs.storage.local.blockmap import BlockMap
+from vdifs.storage.local.importlog import LocalImportLog
+from vdifs.storage.local.layout import (
+    _LATE_INDEXES,
+    _SCHEMA,
+    ADDED_COLUMNS,
+    SCHEMA_VERSION,
+    STALE_PACK_SECONDS,
+    ZERO_CHUNK,
+    check_size,
+)
+from vdifs.storage.local.vms import Vms
+from vdifs.storage.local.writer import ChunkWriter
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-ZERO_CHUNK = bytes(CHUNK_SIZE)
-PACK_SLOTS = 16384  # 1 GiB per pack: few files, yet a failed import wastes at most that
-MAX_VIRTUAL_SIZE = 64 << 40  # 64 TiB: qcow2 serves it; keeps block-map rows within u32 indexes
-STALE_PACK_SECONDS = 60  # a pack still without its name this long was left by a crash
-IOV_MAX = 1024  # buffers per pwritev (Linux)
-DIGEST_BYTES = 16  # SHA-256 prefix: 2^64 birthday bound, half the index size
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS vdis(
-    id INTEGER PRIMARY KEY,
-    uuid TEXT NOT NULL UNIQUE,
-    name_label TEXT NOT NULL,
-    name_description TEXT NOT NULL DEFAULT '',
-    virtual_size INTEGER NOT NULL,
-    is_a_snapshot INTEGER NOT NULL DEFAULT 0,
-    snapshot_of TEXT,
-    snapshot_time TEXT,
-    lineage TEXT NOT NULL,
-    created TEXT NOT NULL,
-    changed_ns INTEGER NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 1,
-    allocated_chunks INTEGER NOT NULL DEFAULT 0,
-    -- the image most recently imported, so a delta made on top of it applies
-    import_identity BLOB,
-    import_name TEXT,
-    import_generation INTEGER,
-    -- the snapshot tree: a snapshot's parent is the VDI's current snapshot when
-    -- it was taken; a live VDI's current is the snapshot it descends from
-    parent TEXT,
-    current TEXT,
-    data_destroyed INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS vdis_lineage ON vdis(lineage);
-CREATE INDEX IF NOT EXISTS vdis_snapshot_of ON vdis(snapshot_of);
-CREATE TABLE IF NOT EXISTS blocks(
-    vdi INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    mask INTEGER NOT NULL,
-    chunks BLOB NOT NULL,
-    PRIMARY KEY(vdi, idx)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chunks(digest BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY, slots INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS vms(
-    id INTEGER PRIMARY KEY,
-    uuid TEXT NOT NULL UNIQUE,
-    name_label TEXT NOT NULL,
-    name_description TEXT NOT NULL DEFAULT '',
-    metadata TEXT NOT NULL DEFAULT '',
-    is_a_snapshot INTEGER NOT NULL DEFAULT 0,
-    snapshot_of TEXT,
-    snapshot_time TEXT,
-    parent TEXT,
-    current TEXT,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS vm_disks(
-    vm TEXT NOT NULL,
-    device TEXT NOT NULL,
-    vdi TEXT NOT NULL,
-    PRIMARY KEY(vm, device)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS imports(
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    target TEXT,
-    format TEXT NOT NULL,
-    state TEXT NOT NULL,
-    error TEXT,
-    errno INTEGER,
-    bytes_received INTEGER NOT NULL DEFAULT 0,
-    chunks_applied INTEGER NOT NULL DEFAULT 0,
-    started TEXT NOT NULL,
-    finished TEXT,
-    seconds REAL,
-    pid INTEGER NOT NULL DEFAULT 0,
-    notes TEXT
-);
-"""
-
-
-class WouldBlock(Exception):
-    """A ``nowait`` read would have waited for the disk (not a user error)."""
-
-
-# Columns added since the first schema, for SRs made by an earlier vdifs.
-ADDED_COLUMNS: dict[str, dict[str, str]] = {
-    "vdis": {
-        "import_identity": "BLOB",
-        "import_name": "TEXT",
-        "import_generation": "INTEGER",
-        "parent": "TEXT",
-        "current": "TEXT",
-        "data_destroyed": "INTEGER NOT NULL DEFAULT 0",
-    },
-    "imports": {"pid": "INTEGER NOT NULL DEFAULT 0", "notes": "TEXT"},
-}
-
-
-# Indexes on columns that ADDED_COLUMNS may have just added.
-_LATE_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS vdis_parent ON vdis(parent)",
-    "CREATE INDEX IF NOT EXISTS vms_parent ON vms(parent)",
-    "CREATE INDEX IF NOT EXISTS vms_snapshot_of ON vms(snapshot_of)",
-)
+def _own(content: ContentMap) -> BlockMap:
+    """A content map this backend made (a map is only ever handed back to its backend)."""
+    if not isinstance(content, BlockMap):
+        raise TypeError(f"not a map of the embedded SR: {content!r}")
+    return content
 
 
 def default_sr_path() -> Path:
@@ -170,95 +75,8 @@ def default_sr_path() -> Path:
     return Path.home() / ".local/share/vdifs/sr"
 
 
-def safe_text(text: str) -> str:
-    """A file name that may hold undecodable bytes, as storable, printable text."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def utc_iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def is_zero_chunk(piece: bytes | bytearray | memoryview) -> bool:
-    # Not ``piece == ZERO_CHUNK``: a memoryview compares item by item, which
-    # costs 176 µs for a zero chunk here; startswith is one memcmp (3 µs).
-    return len(piece) == CHUNK_SIZE and ZERO_CHUNK.startswith(piece)
-
-
-def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
-    return hashlib.sha256(data).digest()[:DIGEST_BYTES]
-
-
-@dataclass(frozen=True)
-class VdiRecord:
-    """One VDI or snapshot, with XAPI's field names where XAPI has them."""
-
-    id: int
-    uuid: str
-    name_label: str
-    name_description: str
-    virtual_size: int
-    is_a_snapshot: bool
-    snapshot_of: str | None
-    snapshot_time: str | None
-    lineage: str
-    created: str
-    changed_ns: int
-    generation: int
-    allocated_chunks: int
-    parent: str | None = None
-    current: str | None = None
-    data_destroyed: bool = False
-    snapshots: tuple[str, ...] = ()
-    children: tuple[str, ...] = ()
-
-    @property
-    def read_only(self) -> bool:
-        return self.is_a_snapshot
-
-    @property
-    def physical_utilisation(self) -> int:
-        return self.allocated_chunks * CHUNK_SIZE
-
-    @functools.cached_property
-    def state_uuid(self) -> uuidlib.UUID:
-        """Identity of this VDI's content at this generation (image identity)."""
-        return uuidlib.uuid5(_STATE_NAMESPACE, f"{self.uuid}/{self.generation}")
-
-    @property
-    def state_time(self) -> int:
-        """Seconds since the epoch of this state: snapshot time or last change."""
-        return self.changed_ns // 1_000_000_000
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "uuid": self.uuid,
-            "name_label": self.name_label,
-            "name_description": self.name_description,
-            "virtual_size": self.virtual_size,
-            "physical_utilisation": self.physical_utilisation,
-            "is_a_snapshot": self.is_a_snapshot,
-            "snapshot_of": self.snapshot_of,
-            "snapshot_time": self.snapshot_time,
-            "snapshots": list(self.snapshots),
-            "read_only": self.read_only,
-            "parent": self.parent,
-            "children": list(self.children),
-            "current": self.current,
-            "type": "cbt_metadata" if self.data_destroyed else "user",
-            "data_destroyed": self.data_destroyed,
-            "created": self.created,
-            "last_changed": utc_iso(self.changed_ns),
-            "generation": self.generation,
-            "content_id": str(self.state_uuid),
-        }
-
-
-_STATE_NAMESPACE = uuidlib.UUID("6d0c7c5e-3c55-4d0b-9a57-7664696673ff")
-
-
-class PackPins:
-    """Shared flocks on packs an open view reads: garbage collection skips them."""
+class _FdPin:
+    """Open descriptors holding flocks: pack pins (shared) or an import lock."""
 
     def __init__(self, fds: list[int]) -> None:
         self._fds = fds
@@ -282,17 +100,21 @@ class _PackFile:
 
 
 class LocalSR:
-    """The embedded storage repository in one directory."""
+    """The embedded SR in one directory (a :class:`vdifs.storage.backend.Backend`)."""
 
     FD_CACHE = 512
+    capabilities = Capabilities()
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.vms = Vms(self)
+        self.imports = LocalImportLog(self)
         self.packs_dir = self.path / "packs"
         self.staging_dir = self.path / "staging"
         for d in (self.path, self.packs_dir, self.staging_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._local = threading.local()
+        self._commits = 0
         self._fds: dict[int, _PackFile] = {}
         self._fd_lock = threading.Lock()
         db = self.db
@@ -307,6 +129,11 @@ class LocalSR:
             db.execute(statement)
         self.remove_stale_packs()
         self.remove_stale_scratch()
+        self.remove_stale_uploads()
+
+    @property
+    def description(self) -> str:
+        return f"local:{self.path}"
 
     def _add_missing_columns(self) -> None:
         """Bring an SR made by an earlier vdifs up to this schema (additive only)."""
@@ -352,10 +179,13 @@ class LocalSR:
             raise
         else:
             db.execute("COMMIT")
+            self._commits += 1
 
     def data_version(self) -> int:
-        """Changes whenever another connection commits (cheap change polling)."""
-        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        """Changes whenever anyone commits: SQLite's counter of other connections'
+        commits (cheap change polling), plus this object's own."""
+        others = int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        return others << 32 | self._commits & 0xFFFFFFFF
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -368,7 +198,7 @@ class LocalSR:
     # -- records -------------------------------------------------------------
 
     _COLUMNS = (
-        "id, uuid, name_label, name_description, virtual_size, is_a_snapshot, snapshot_of,"
+        "0, uuid, name_label, name_description, virtual_size, is_a_snapshot, snapshot_of,"
         " snapshot_time, lineage, created, changed_ns, generation, allocated_chunks,"
         " parent, current, data_destroyed"
     )
@@ -377,7 +207,6 @@ class LocalSR:
         self, row: tuple[Any, ...], snapshots: tuple[str, ...], children: tuple[str, ...] = ()
     ) -> VdiRecord:
         return VdiRecord(
-            id=row[0],
             uuid=row[1],
             name_label=row[2],
             name_description=row[3],
@@ -441,13 +270,20 @@ class LocalSR:
 
     def block_map(self, vdi: VdiRecord) -> BlockMap:
         rows = self.db.execute(
-            "SELECT idx, mask, chunks FROM blocks WHERE vdi = ? ORDER BY idx", (vdi.id,)
+            "SELECT idx, mask, chunks FROM blocks WHERE vdi = (SELECT id FROM vdis WHERE uuid = ?)"
+            " ORDER BY idx",
+            (vdi.uuid,),
         )
         return BlockMap.from_rows(vdi.virtual_size, iter(rows))
 
-    def snapshot_state(
-        self, uuid: str, known: VdiRecord | None = None
-    ) -> tuple[VdiRecord, BlockMap]:
+    def row_id(self, uuid: str) -> int:
+        """The VDI's row in this SR's tables (never leaves storage/local)."""
+        row = self.db.execute("SELECT id FROM vdis WHERE uuid = ?", (uuid,)).fetchone()
+        if row is None:
+            raise NotFound(f"no VDI with uuid {uuid}")
+        return int(row[0])
+
+    def state(self, uuid: str, known: VdiRecord | None = None) -> tuple[VdiRecord, BlockMap]:
         """A VDI record and its block map, read in one consistent transaction.
 
         ``known`` is a record the caller holds: if the VDI is still at its
@@ -519,10 +355,10 @@ class LocalSR:
             db.execute(
                 "INSERT INTO blocks(vdi, idx, mask, chunks)"
                 " SELECT ?, idx, mask, chunks FROM blocks WHERE vdi = ?",
-                (cur.lastrowid, src.id),
+                (cur.lastrowid, self.row_id(src.uuid)),
             )
             if snapshot:
-                db.execute("UPDATE vdis SET current = ? WHERE id = ?", (uuid, src.id))
+                db.execute("UPDATE vdis SET current = ? WHERE uuid = ?", (uuid, src.uuid))
         return self.get_vdi(uuid)
 
     def snapshot(
@@ -547,8 +383,8 @@ class LocalSR:
             record = self.get_vdi(uuid)
             db.execute("UPDATE vdis SET parent = ? WHERE parent = ?", (record.parent, uuid))
             db.execute("UPDATE vdis SET current = ? WHERE current = ?", (record.parent, uuid))
-            db.execute("DELETE FROM blocks WHERE vdi = ?", (record.id,))
-            db.execute("DELETE FROM vdis WHERE id = ?", (record.id,))
+            db.execute("DELETE FROM blocks WHERE vdi = ?", (self.row_id(uuid),))
+            db.execute("DELETE FROM vdis WHERE uuid = ?", (uuid,))
             db.execute("DELETE FROM vm_disks WHERE vdi = ?", (uuid,))
 
     def delete_snapshot(
@@ -579,8 +415,8 @@ class LocalSR:
                     f"{uuid} is not a snapshot: only snapshots become checkpoints"
                 )
             db.execute(
-                "UPDATE vdis SET data_destroyed = 1, allocated_chunks = 0 WHERE id = ?",
-                (record.id,),
+                "UPDATE vdis SET data_destroyed = 1, allocated_chunks = 0 WHERE uuid = ?",
+                (uuid,),
             )
         return self.get_vdi(uuid)
 
@@ -682,7 +518,7 @@ class LocalSR:
         return bytes(out)
 
     def read_into(
-        self, block_map: BlockMap, offset: int, buf: memoryview, *, nowait: bool = False
+        self, content: ContentMap, offset: int, buf: memoryview, *, nowait: bool = False
     ) -> None:
         """Fill ``buf`` with the disk's bytes at ``offset`` (inside the disk).
 
@@ -693,7 +529,7 @@ class LocalSR:
             return
         first = offset // CHUNK_SIZE
         last = (offset + len(buf) - 1) // CHUNK_SIZE
-        ids = block_map.chunk_ids(first, last - first + 1)
+        ids = _own(content).chunk_ids(first, last - first + 1)
         pos = 0
         n = 0
         while n < len(ids):
@@ -707,8 +543,16 @@ class LocalSR:
             pos += take
             n += run
 
-    def writer(self, uuid: str, *, replace: bool = False) -> ChunkWriter:
-        return ChunkWriter(self, uuid, replace=replace)
+    def writer(
+        self,
+        uuid: str | None,
+        *,
+        replace: bool = False,
+        new_vdi: tuple[str, int] | None = None,
+        bulk: bool = False,
+    ) -> ChunkWriter:
+        # Bulk imports write packs with O_DIRECT (see ChunkWriter).
+        return ChunkWriter(self, uuid, replace=replace, new_vdi=new_vdi, direct=bulk)
 
     def last_import(self, uuid: str) -> tuple[bytes | None, str | None, int | None]:
         """(identity, file name, generation after it) of the last image imported."""
@@ -721,6 +565,52 @@ class LocalSR:
         return row[0], row[1], row[2]
 
     # -- housekeeping -----------------------------------------------------------
+
+    def import_lock(self, key: str) -> _FdPin:
+        """Hold the one-import-per-target lock (a flock in staging/); Busy if held."""
+        # Hashed: a key is a uuid or a VDI name of up to 255 bytes, longer than a file name allows.
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        path = self.staging_dir / f"{digest}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"an import into {key} is already in progress") from None
+        return _FdPin([fd])
+
+    def scratch_file(self) -> tuple[Path, int]:
+        path = self.staging_dir / f"{secrets.token_hex(8)}.upload"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # marks it live for remove_stale_scratch elsewhere
+        return path, fd
+
+    def info(self) -> dict[str, Any]:
+        packs = sum(f.stat().st_size for f in self.packs_dir.iterdir())
+        return {"path": str(self.path), "data_bytes": packs}
+
+    def space(self) -> tuple[int, int, int]:
+        st = os.statvfs(self.path)
+        return st.f_frsize, st.f_blocks, st.f_bavail
+
+    def remove_stale_uploads(self) -> None:
+        """Staged uploads of a daemon that died are garbage: nobody can finish them.
+
+        Its imports still marked running are recorded as interrupted.
+        """
+        self.imports.mark_interrupted()
+        for entry in os.scandir(self.staging_dir):
+            if not entry.name.endswith(".upload"):
+                continue
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
 
     def remove_stale_scratch(self) -> None:
         """Delete digest scratch files (``_NewDigests``) of writers that died."""
@@ -785,10 +675,10 @@ class LocalSR:
             log.info("removed %d pack(s) left behind by an interrupted write", removed)
         return removed
 
-    def pin(self, packs: frozenset[int]) -> PackPins:
-        """Keep these packs from garbage collection until the pins are released."""
+    def keep_readable(self, content: ContentMap) -> _FdPin:
+        """Keep the packs a state reads from garbage collection until released."""
         fds = []
-        for pack in packs:
+        for pack in _own(content).packs:
             try:
                 fd = os.open(self._pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -799,7 +689,7 @@ class LocalSR:
                 os.close(fd)  # being collected right now
                 continue
             fds.append(fd)
-        return PackPins(fds)
+        return _FdPin(fds)
 
     def garbage_collect(self) -> tuple[int, int]:
         """Remove packs no readable block map references.
@@ -858,495 +748,3 @@ class LocalSR:
             ids = array("Q", blob)
             live.update(i >> 32 for i in ids if i)
         return {p for (p,) in self.db.execute("SELECT id FROM packs WHERE slots >= 0")} - live
-
-
-class ChunkWriter:
-    """Stages chunks for one VDI and applies them in one transaction.
-
-    ``write_chunk`` may be called in any order; the last write of a chunk
-    wins.  Data goes to a new pack as it arrives (memory stays bounded); the
-    block map changes only in :meth:`commit`.  With ``replace=True`` the
-    commit makes every chunk that was not written zero (a full image).
-    """
-
-    def __init__(
-        self,
-        sr: LocalSR,
-        uuid: str | None,
-        *,
-        replace: bool,
-        new_vdi: tuple[str, int] | None = None,
-        direct: bool = False,
-    ) -> None:
-        self.sr = sr
-        self.replace = replace
-        # Bulk imports write packs with O_DIRECT: data goes to the device without
-        # first filling (and later flushing) the page cache, which made writes
-        # and the commit's fsync the slowest part of an import (docs/performance.md).
-        self._direct: _DirectWrites | None = _DirectWrites() if direct else None
-        self.new_vdi = new_vdi
-        if new_vdi is not None:
-            # A new VDI appears only when the commit does: never half-made.
-            name, size = new_vdi
-            check_name(name)
-            self.uuid = str(uuidlib.uuid4())
-            self.virtual_size = check_size(size)
-            self.expect_generation: int | None = None
-        else:
-            assert uuid is not None
-            record = sr.get_vdi(uuid)
-            if record.is_a_snapshot:
-                raise ReadOnly(f"VDI {uuid} is a snapshot and cannot change")
-            self.uuid = uuid
-            self.virtual_size = record.virtual_size
-            self.expect_generation = None
-        self.import_identity: bytes | None = None
-        self.import_name: str | None = None
-        self._rows: dict[int, bytearray] = {}
-        self._written: dict[int, int] = {}  # block -> mask of chunks written
-        self._new_digests = _NewDigests(sr.staging_dir)
-        self._reused_packs: set[int] = set()  # packs of existing chunks this write shares
-        self._packs: list[tuple[int, int, int]] = []  # (pack, fd, slots used)
-        self.chunks_written = 0
-        self.bytes_stored = 0
-        self._done = False
-
-    def _open_pack(self) -> None:
-        while True:
-            pack = secrets.randbelow((1 << 31) - 1) + 1
-            if self.sr.db.execute("SELECT 1 FROM packs WHERE id = ?", (pack,)).fetchone():
-                continue  # in use, or retired by garbage collection: never reused
-            # Locked before it has its name: remove_stale_packs never sees it unlocked.
-            final = self.sr._pack_path(pack)
-            temporary = final.with_name(final.name + ".new")
-            try:
-                fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                os.link(temporary, final)
-            except FileExistsError:
-                os.close(fd)
-                continue
-            finally:
-                os.unlink(temporary)
-            self._packs.append((pack, fd, 0))
-            if self._direct is not None and not self._direct.open(pack, final):
-                self._direct = None  # the file system has no O_DIRECT: write through the cache
-            return
-
-    def grow(self, size: int) -> None:
-        """Make the disk ``size`` bytes long at commit (XAPI's VDI.resize: grow only).
-
-        The new bytes read as zeros unless this writer writes them.
-        """
-        size = check_size(size)
-        if size < self.virtual_size:
-            raise InvalidArgument(
-                f"VDI {self.uuid} has {self.virtual_size} bytes: a disk can only grow"
-            )
-        self.virtual_size = size
-
-    def write_chunk(self, chunk: int, data: bytes | bytearray | memoryview) -> None:
-        """Set one chunk.  ``data`` is at most CHUNK_SIZE bytes (zero-padded)."""
-        if len(data) != CHUNK_SIZE:
-            data = bytes(data).ljust(CHUNK_SIZE, b"\0")
-        self.write_chunks(chunk, data)
-
-    def write_chunks(self, first: int, data: bytes | bytearray | memoryview) -> None:
-        """Set the whole chunks ``data`` holds, from chunk ``first`` on.
-
-        The import path: a run is hashed, looked up in one query and written
-        with one ``pwritev`` per run of new slots, not chunk by chunk.
-        """
-        view = memoryview(data).cast("B")
-        count, rest = divmod(len(view), CHUNK_SIZE)
-        if rest:
-            raise InvalidArgument("write_chunks takes whole chunks")
-        if first < 0 or (first + count - 1) * CHUNK_SIZE >= self.virtual_size:
-            raise InvalidArgument(f"chunks {first}..{first + count - 1} are outside the disk")
-        pieces = [view[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] for i in range(count)]
-        data_at = [i for i, piece in enumerate(pieces) if not is_zero_chunk(piece)]
-        ids = [0] * count
-        stored = self._store([pieces[i] for i in data_at])
-        for i, chunk_id in zip(data_at, stored, strict=True):
-            ids[i] = chunk_id
-        for i, chunk_id in enumerate(ids):
-            block, c = divmod(first + i, CHUNKS_PER_BLOCK)
-            row = self._rows.get(block)
-            if row is None:
-                row = self._rows[block] = bytearray(ROW_BYTES)
-            row[c * 8 : c * 8 + 8] = chunk_id.to_bytes(8, "little")
-            self._written[block] = self._written.get(block, 0) | 1 << c
-        self.chunks_written += count
-
-    def _store(self, pieces: list[memoryview]) -> list[int]:
-        """Chunk ids for non-zero chunks: known content reused, the rest written."""
-        digests = [chunk_digest(piece) for piece in pieces]
-        known = self._new_digests.lookup(set(digests))
-        unknown = {d for d in digests if d not in known}
-        if unknown:
-            marks = ",".join("?" * len(unknown))
-            stored = {
-                bytes(digest): int(chunk_id)
-                for digest, chunk_id in self.sr.db.execute(
-                    f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", tuple(unknown)
-                )
-            }
-            self._reused_packs.update(chunk_id >> 32 for chunk_id in stored.values())
-            known.update(stored)
-        ids: list[int] = []
-        new: list[tuple[int, memoryview]] = []  # (slot id, data), slots in increasing order
-        added: list[tuple[bytes, int]] = []
-        for piece, digest in zip(pieces, digests, strict=True):
-            chunk_id = known.get(digest)
-            if chunk_id is None:
-                chunk_id = known[digest] = self._new_slot()
-                added.append((digest, chunk_id))
-                new.append((chunk_id, piece))
-            ids.append(chunk_id)
-        self._write_slots(new)
-        self._new_digests.add(added)
-        return ids
-
-    def _new_slot(self) -> int:
-        if not self._packs or self._packs[-1][2] >= PACK_SLOTS:
-            self._open_pack()
-        pack, fd, slots = self._packs[-1]
-        self._packs[-1] = (pack, fd, slots + 1)
-        return pack << 32 | slots
-
-    def _write_slots(self, new: list[tuple[int, memoryview]]) -> None:
-        """One pwritev per run of consecutive slots (a run ends where a pack does)."""
-        fds = {pack: fd for pack, fd, _slots in self._packs}
-        start = 0
-        while start < len(new):
-            end = start + 1
-            while end < len(new) and end - start < IOV_MAX and new[end][0] == new[end - 1][0] + 1:
-                end += 1
-            first = new[start][0]
-            pieces = [piece for _id, piece in new[start:end]]
-            offset = (first & 0xFFFFFFFF) * CHUNK_SIZE
-            try:
-                if self._direct is None or not self._direct.write(first >> 32, pieces, offset):
-                    os.pwritev(fds[first >> 32], pieces, offset)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise NoSpace("the SR's file system is full") from None
-                raise
-            start = end
-        self.bytes_stored += len(new) * CHUNK_SIZE
-
-    def staged_chunk(self, chunk: int) -> bytes | None:
-        """This writer's content for a chunk, or None if it has not written it."""
-        block, c = divmod(chunk, CHUNKS_PER_BLOCK)
-        if not self._written.get(block, 0) >> c & 1:
-            return None
-        chunk_id = int.from_bytes(self._rows[block][c * 8 : c * 8 + 8], "little")
-        if self._direct is not None:
-            self._direct.flush()  # the chunk may still be queued in a buffer
-        for pack, fd, _slots in self._packs:
-            if chunk_id >> 32 == pack:
-                return os.pread(fd, CHUNK_SIZE, (chunk_id & 0xFFFFFFFF) * CHUNK_SIZE)
-        return self.sr.read_chunk(chunk_id)
-
-    def commit(self) -> VdiRecord:
-        if self._done:
-            raise RuntimeError("writer already finished")
-        try:
-            if self._direct is not None:
-                self._direct.flush()
-            for _pack, fd, _slots in self._packs:
-                os.fsync(fd)
-            now = time.time_ns()
-            with self.sr.transaction() as db:
-                if self.new_vdi is not None:
-                    db.execute(
-                        "INSERT INTO vdis(uuid, name_label, virtual_size, lineage, created,"
-                        " changed_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            self.uuid,
-                            self.new_vdi[0],
-                            self.virtual_size,
-                            self.uuid,
-                            utc_iso(now),
-                            now,
-                        ),
-                    )
-                record = self.sr.get_vdi(self.uuid)
-                if record.is_a_snapshot:
-                    raise ReadOnly(f"VDI {self.uuid} is a snapshot and cannot change")
-                if (
-                    self.expect_generation is not None
-                    and record.generation != self.expect_generation
-                ):
-                    raise Busy(f"VDI {self.uuid} changed while the import ran; nothing applied")
-                if self._reused_packs:
-                    marks = ",".join("?" * len(self._reused_packs))
-                    (live,) = db.execute(
-                        f"SELECT COUNT(*) FROM packs WHERE slots >= 0 AND id IN ({marks})",
-                        tuple(self._reused_packs),
-                    ).fetchone()
-                    if live != len(self._reused_packs):
-                        # vdifs sr gc retired data this write deduplicated against.
-                        raise Busy("garbage collection ran during this write: run it again")
-                for pack, _fd, slots in self._packs:
-                    db.execute("INSERT INTO packs(id, slots) VALUES (?, ?)", (pack, slots))
-                db.executemany(
-                    "INSERT OR IGNORE INTO chunks(digest, id) VALUES (?, ?)",
-                    self._new_digests.items(),
-                )
-                if self.replace:
-                    db.execute("DELETE FROM blocks WHERE vdi = ?", (record.id,))
-                for block, new_row in self._rows.items():
-                    written = self._written[block]
-                    if self.replace:
-                        row = bytes(new_row)
-                    else:
-                        old = db.execute(
-                            "SELECT chunks FROM blocks WHERE vdi = ? AND idx = ?",
-                            (record.id, block),
-                        ).fetchone()
-                        merged = bytearray(old[0] if old else ZERO_ROW)
-                        for c in range(CHUNKS_PER_BLOCK):
-                            if written >> c & 1:
-                                merged[c * 8 : c * 8 + 8] = new_row[c * 8 : c * 8 + 8]
-                        row = bytes(merged)
-                    mask = row_mask(row)
-                    if mask:
-                        db.execute(
-                            "INSERT OR REPLACE INTO blocks(vdi, idx, mask, chunks)"
-                            " VALUES (?, ?, ?, ?)",
-                            (record.id, block, mask, row),
-                        )
-                    else:
-                        db.execute(
-                            "DELETE FROM blocks WHERE vdi = ? AND idx = ?", (record.id, block)
-                        )
-                count = sum(
-                    int(m).bit_count()
-                    for (m,) in db.execute("SELECT mask FROM blocks WHERE vdi = ?", (record.id,))
-                )
-                if self.virtual_size < record.virtual_size:
-                    raise Busy(f"VDI {self.uuid} was resized while this write ran")
-                db.execute(
-                    "UPDATE vdis SET generation = generation + 1, changed_ns = ?,"
-                    " allocated_chunks = ?, virtual_size = ? WHERE id = ?",
-                    (max(now, record.changed_ns + 1), count, self.virtual_size, record.id),
-                )
-                if self.import_name is not None:
-                    db.execute(
-                        "UPDATE vdis SET import_identity = ?, import_name = ?,"
-                        " import_generation = generation WHERE id = ?",
-                        (self.import_identity, self.import_name, record.id),
-                    )
-            result = self.sr.get_vdi(self.uuid)
-        except BaseException:
-            self.abort()
-            raise
-        self._close_packs(unlink=False)
-        self._done = True
-        return result
-
-    def abort(self) -> None:
-        """Drop everything staged; the VDI is as it was."""
-        if not self._done:
-            self._close_packs(unlink=True)
-            self._done = True
-
-    def _close_packs(self, *, unlink: bool) -> None:
-        self._new_digests.close()
-        if self._direct is not None:
-            self._direct.close()
-        for pack, fd, _slots in self._packs:
-            if unlink:
-                with contextlib.suppress(FileNotFoundError):
-                    self.sr._pack_path(pack).unlink()
-            os.close(fd)
-        self._packs.clear()
-
-    def __enter__(self) -> ChunkWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
-
-class _NewDigests:
-    """Digests of the chunks one writer stored: its own dedup, then its commit.
-
-    In a dict up to :attr:`IN_MEMORY` entries (about 30 MB, for 16 GiB of new
-    data); past that, in a scratch SQLite file under ``staging/``, so that
-    importing a 2 TiB disk costs disk space, not gigabytes of memory.  The
-    file is flocked while in use; :meth:`LocalSR.remove_stale_scratch`
-    deletes what a crash left.
-    """
-
-    IN_MEMORY = 1 << 18
-
-    def __init__(self, staging_dir: Path) -> None:
-        self._staging_dir = staging_dir
-        self._memory: dict[bytes, int] = {}
-        self._db: sqlite3.Connection | None = None
-        self._path: Path | None = None
-        self._lock_fd = -1
-
-    def lookup(self, digests: set[bytes]) -> dict[bytes, int]:
-        found = {d: i for d in digests if (i := self._memory.get(d)) is not None}
-        if self._db is not None and len(found) < len(digests):
-            rest = tuple(digests - found.keys())
-            marks = ",".join("?" * len(rest))
-            rows = self._db.execute(f"SELECT digest, id FROM new WHERE digest IN ({marks})", rest)
-            found.update((bytes(d), int(i)) for d, i in rows)
-        return found
-
-    def add(self, items: list[tuple[bytes, int]]) -> None:
-        if self._db is None:
-            self._memory.update(items)
-            if len(self._memory) > self.IN_MEMORY:
-                self._spill()
-        else:
-            self._db.executemany("INSERT INTO new(digest, id) VALUES (?, ?)", items)
-
-    def _spill(self) -> None:
-        self._path = self._staging_dir / f"{secrets.token_hex(8)}.digests"
-        self._lock_fd = os.open(
-            self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-        )
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=OFF")  # scratch: a crash discards it whole
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute("CREATE TABLE new(digest BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID")
-        db.executemany("INSERT INTO new(digest, id) VALUES (?, ?)", self._memory.items())
-        self._db = db
-        self._memory = {}
-
-    def items(self) -> Iterator[tuple[bytes, int]]:
-        yield from self._memory.items()
-        if self._db is not None:
-            yield from self._db.execute("SELECT digest, id FROM new")
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        if self._path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._path.unlink()
-            os.close(self._lock_fd)
-            self._path = None
-        self._memory = {}
-
-
-class _DirectWrites:
-    """O_DIRECT writes of new packs, behind the caller, through aligned buffers.
-
-    O_DIRECT needs page-aligned memory; chunks arrive in arbitrary buffers,
-    so a run is copied into one of a few mmap'ed buffers (a memcpy, far
-    cheaper than the page-cache allocation it avoids) and written from
-    there by one background thread, while the caller hashes the next run.
-    A failed write is raised by the next :meth:`write` or by :meth:`flush`.
-    """
-
-    BUFFER_CHUNKS = 64  # 4 MiB per buffer
-    BUFFERS = 3
-
-    def __init__(self) -> None:
-        self._fds: dict[int, int] = {}
-        size = self.BUFFER_CHUNKS * CHUNK_SIZE
-        self._buffers = [mmap.mmap(-1, size) for _ in range(self.BUFFERS)]
-        self._busy: list[Future[None] | None] = [None] * self.BUFFERS
-        self._next = 0
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vdifs-pack-writer")
-
-    def open(self, pack: int, path: Path) -> bool:
-        """A direct descriptor for a new pack; False where the file system has none."""
-        try:
-            self._fds[pack] = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.flush()  # what earlier packs queued must not be lost
-            self.close()
-            return False
-        return True
-
-    def write(self, pack: int, pieces: list[memoryview], offset: int) -> bool:
-        """Queue a run of chunks at ``offset``; False if this pack takes no direct writes."""
-        fd = self._fds.get(pack)
-        if fd is None:
-            return False
-        for start in range(0, len(pieces), self.BUFFER_CHUNKS):
-            slot = self._next
-            self._next = (slot + 1) % self.BUFFERS
-            self._wait(slot)
-            buffer = self._buffers[slot]
-            batch = pieces[start : start + self.BUFFER_CHUNKS]
-            for i, piece in enumerate(batch):
-                buffer[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] = piece
-            self._busy[slot] = self._thread.submit(
-                _write_exactly, fd, buffer, len(batch) * CHUNK_SIZE, offset + start * CHUNK_SIZE
-            )
-        return True
-
-    def _wait(self, slot: int) -> None:
-        busy = self._busy[slot]
-        if busy is not None:
-            self._busy[slot] = None
-            busy.result()
-
-    def flush(self) -> None:
-        """Wait for every queued write; raise the first error."""
-        for slot in range(self.BUFFERS):
-            self._wait(slot)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # aborting: the data is discarded anyway
-            self.flush()
-        self._thread.shutdown()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _write_exactly(fd: int, buffer: mmap.mmap, length: int, offset: int) -> None:
-    with memoryview(buffer) as view:
-        if os.pwrite(fd, view[:length], offset) != length:
-            raise OSError(errno.ENOSPC, "short write to a pack")
-
-
-_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``"10G"`` -> 10 GiB.  Suffixes are binary; ``B``/``iB`` optional."""
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    suffix = s[-1:] if s[-1:] in _SIZE_SUFFIXES and s[-1:] else ""
-    number = s[: -len(suffix)] if suffix else s
-    try:
-        value = int(number)
-    except ValueError:
-        raise InvalidArgument(f"invalid size {text!r}: use bytes or K/M/G/T (binary)") from None
-    return value * _SIZE_SUFFIXES[suffix]
-
-
-def check_size(size: int) -> int:
-    """Validate a virtual size and round it up to whole sectors."""
-    if size <= 0:
-        raise InvalidArgument("a VDI needs a size above zero")
-    if size > MAX_VIRTUAL_SIZE:
-        raise InvalidArgument(f"size {size} is above the SR limit of {MAX_VIRTUAL_SIZE} bytes")
-    return -(-size // SECTOR_SIZE) * SECTOR_SIZE
-
-
-def check_name(name: str) -> None:
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidArgument(f"a name must be UTF-8 text: {safe_text(name)!r}") from None
-    if not name or "\0" in name or len(encoded) > 255:
-        raise InvalidArgument("a name must be 1 to 255 bytes with no NUL")
-    if name in (".", ".."):
-        raise InvalidArgument("'.' and '..' are not names")

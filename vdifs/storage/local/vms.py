@@ -16,51 +16,15 @@ import contextlib
 import re
 import time
 import uuid as uuidlib
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vdifs.errors import AlreadyExists, Busy, InvalidArgument, NotFound
-from vdifs.storage.local import LocalSR, check_name, utc_iso
+from vdifs.model import VmRecord, check_name, utc_iso
+
+if TYPE_CHECKING:
+    from vdifs.storage.local.sr import LocalSR
 
 DEVICE_NAME = re.compile(r"^[a-z][a-z0-9]{0,15}$")  # xvda, hdb, sda, vdc, nvme0n1 ...
-
-
-@dataclass(frozen=True)
-class VmRecord:
-    uuid: str
-    name_label: str
-    name_description: str
-    metadata: str
-    is_a_snapshot: bool
-    snapshot_of: str | None
-    snapshot_time: str | None
-    parent: str | None
-    current: str | None
-    created: str
-    disks: dict[str, str]
-    snapshots: tuple[str, ...] = ()
-    children: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "uuid": self.uuid,
-            "name_label": self.name_label,
-            "name_description": self.name_description,
-            "is_a_snapshot": self.is_a_snapshot,
-            "disks": dict(sorted(self.disks.items())),
-            "metadata": self.metadata,
-            "created": self.created,
-        }
-        if self.is_a_snapshot:
-            out |= {
-                "snapshot_of": self.snapshot_of,
-                "snapshot_time": self.snapshot_time,
-                "parent": self.parent,
-                "children": list(self.children),
-            }
-        else:
-            out |= {"snapshots": list(self.snapshots), "current_snapshot": self.current}
-        return out
 
 
 _COLUMNS = (
@@ -295,26 +259,3 @@ class Vms:
                 db.execute("DELETE FROM vm_disks WHERE vm = ?", (victim_uuid,))
                 db.execute("DELETE FROM vms WHERE uuid = ?", (victim_uuid,))
         return doomed
-
-
-def tree_lines(
-    roots: list[str], children: dict[str, list[str]], label: dict[str, str], current: str | None
-) -> list[str]:
-    """``virsh snapshot-list --tree`` style lines, current marked with ``*``."""
-    lines: list[str] = []
-
-    def walk(node: str, prefix: str, last: bool, top: bool) -> None:
-        mark = "  *" if node == current else ""
-        if top:
-            lines.append(f"{label[node]}{mark}")
-            child_prefix = ""
-        else:
-            lines.append(f"{prefix}{'└── ' if last else '├── '}{label[node]}{mark}")
-            child_prefix = prefix + ("    " if last else "│   ")
-        kids = children.get(node, [])
-        for i, kid in enumerate(kids):
-            walk(kid, child_prefix, i == len(kids) - 1, False)
-
-    for root in roots:
-        walk(root, "", True, True)
-    return lines

@@ -1,0 +1,216 @@
+"""The contract every storage backend passes: the embedded SR and the in-memory one.
+
+A new backend joins the ``backend`` fixture's parameters and must pass all of
+this before anything above ``vdifs/storage`` may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.storage.memory import MemoryBackend
+from vdifs.errors import Busy, InvalidArgument, NotFound, ReadOnly, VdifsError
+from vdifs.exports import DiskState, Export
+from vdifs.model import CHUNK_SIZE, CHUNKS_PER_BLOCK, Allocation
+from vdifs.storage.backend import Backend, WouldBlock
+from vdifs.storage.local import LocalSR
+
+MiB = 1 << 20
+
+
+@pytest.fixture(params=["local", "memory"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    made: Backend = LocalSR(tmp_path / "sr") if request.param == "local" else MemoryBackend()
+    yield made
+    made.close()
+
+
+def read(backend: Backend, uuid: str, offset: int = 0, length: int | None = None) -> bytes:
+    record, content = backend.state(uuid)
+    length = record.virtual_size - offset if length is None else length
+    buf = bytearray(length)
+    backend.read_into(content, offset, memoryview(buf))
+    return bytes(buf)
+
+
+def write(backend: Backend, uuid: str, chunks: dict[int, bytes]) -> None:
+    with backend.writer(uuid) as writer:
+        for chunk, data in chunks.items():
+            writer.write_chunk(chunk, data)
+        writer.commit()
+
+
+def chunks_of(allocation: Allocation) -> list[int]:
+    return [
+        block * CHUNKS_PER_BLOCK + bit
+        for block, mask in zip(allocation.blocks, allocation.masks, strict=True)
+        for bit in range(CHUNKS_PER_BLOCK)
+        if mask >> bit & 1
+    ]
+
+
+def test_records_and_names(backend: Backend) -> None:
+    version = backend.data_version()
+    record = backend.create_vdi("disk", 3 * MiB + 512, "a description")
+    assert backend.data_version() != version
+    assert record.virtual_size == 3 * MiB + 512 and record.generation >= 1
+    assert not record.is_a_snapshot and record.name_description == "a description"
+    assert backend.get_vdi(record.uuid) == record
+    assert [r.uuid for r in backend.list_vdis()] == [record.uuid]
+    with pytest.raises(NotFound):
+        backend.get_vdi("01234567-89ab-cdef-0123-456789abcdef")
+    for bad in ("", "a\0b", "x" * 256, ".."):
+        with pytest.raises(InvalidArgument):
+            backend.create_vdi(bad, MiB)
+    backend.set_name(record.uuid, "renamed")
+    assert backend.get_vdi(record.uuid).name_label == "renamed"
+    assert read(backend, record.uuid) == bytes(3 * MiB + 512)
+
+
+def test_a_commit_is_all_or_nothing(backend: Backend) -> None:
+    uuid = backend.create_vdi("d", 4 * MiB).uuid
+    a, b = os.urandom(CHUNK_SIZE), os.urandom(CHUNK_SIZE)
+    write(backend, uuid, {0: a, 40: b})
+    record, content = backend.state(uuid)
+    assert read(backend, uuid, 0, CHUNK_SIZE) == a
+    assert read(backend, uuid, 40 * CHUNK_SIZE + 100, 10) == b[100:110]
+    assert content.chunk_count == 2 and record.physical_utilisation == 2 * CHUNK_SIZE
+    assert chunks_of(content.allocation()) == [0, 40]
+    # Not committed: nothing changes.
+    with backend.writer(uuid) as writer:
+        writer.write_chunk(1, os.urandom(CHUNK_SIZE))
+        assert writer.staged_chunk(1) is not None and writer.staged_chunk(2) is None
+    assert backend.state(uuid)[0].generation == record.generation
+    # A writer that expects a generation the disk has left fails whole.
+    with backend.writer(uuid) as writer:
+        writer.expect_generation = record.generation
+        writer.write_chunk(2, os.urandom(CHUNK_SIZE))
+        write(backend, uuid, {3: os.urandom(CHUNK_SIZE)})
+        with pytest.raises(Busy):
+            writer.commit()
+    assert read(backend, uuid, 2 * CHUNK_SIZE, CHUNK_SIZE) == bytes(CHUNK_SIZE)
+    # replace: what is not written becomes zero (a full image); zeros free chunks.
+    with backend.writer(uuid, replace=True) as writer:
+        writer.write_chunks(0, a + bytes(CHUNK_SIZE))
+        writer.commit()
+    assert read(backend, uuid, 0, 4 * MiB) == a + bytes(4 * MiB - CHUNK_SIZE)
+    assert backend.state(uuid)[1].chunk_count == 1
+    with pytest.raises(VdifsError):
+        write(backend, uuid, {64: a})  # past the end
+
+
+def test_a_state_read_is_a_point_in_time(backend: Backend) -> None:
+    uuid = backend.create_vdi("d", 2 * MiB).uuid
+    old = os.urandom(CHUNK_SIZE)
+    write(backend, uuid, {5: old})
+    record, content = backend.state(uuid)
+    pin = backend.keep_readable(content)
+    write(backend, uuid, {5: os.urandom(CHUNK_SIZE)})
+    buf = bytearray(CHUNK_SIZE)
+    backend.read_into(content, 5 * CHUNK_SIZE, memoryview(buf))
+    assert bytes(buf) == old
+    pin.release()
+    again, _ = backend.state(uuid, known=record)
+    assert again.generation == record.generation + 1
+    current, _ = backend.state(uuid)
+    assert backend.state(uuid, known=current)[0] is current  # unchanged: returned as is
+    with contextlib.suppress(WouldBlock):  # nowait answers at once or says it would block
+        backend.read_into(content, 0, memoryview(bytearray(CHUNK_SIZE)), nowait=True)
+
+
+def test_snapshots_clones_and_deltas(backend: Backend) -> None:
+    uuid = backend.create_vdi("d", 4 * MiB).uuid
+    data = {c: os.urandom(CHUNK_SIZE) for c in (0, 1, 33, 40)}
+    write(backend, uuid, data)
+    snap = backend.snapshot(uuid, "monday")
+    assert snap.is_a_snapshot and snap.snapshot_of == uuid and snap.read_only
+    assert backend.get_vdi(uuid).current == snap.uuid
+    assert snap.uuid in backend.get_vdi(uuid).snapshots
+    before = read(backend, snap.uuid)
+    write(backend, uuid, {1: os.urandom(CHUNK_SIZE), 33: bytes(CHUNK_SIZE), 50: b"x"})
+    assert read(backend, snap.uuid) == before
+    with pytest.raises(ReadOnly):
+        write(backend, snap.uuid, {0: b"y"})
+    _, live = backend.state(uuid)
+    _, base = backend.state(snap.uuid)
+    assert chunks_of(live.diff(base)) == [1, 33, 50]  # the zeroed chunk too
+    assert chunks_of(base.diff(base)) == []
+    # A delta export applies exactly: qemu and vhd-lib would see this layout.
+    export = Export(
+        backend, DiskState(*backend.state(uuid)), "vhd", DiskState(*backend.state(snap.uuid))
+    )
+    assert export.size > 0
+    clone = backend.clone(snap.uuid, "copy")
+    assert not clone.is_a_snapshot and read(backend, clone.uuid) == before
+    write(backend, clone.uuid, {0: b"z"})
+    assert read(backend, snap.uuid) == before
+    # The snapshot tree: a second snapshot hangs under the first.
+    second = backend.snapshot(uuid)
+    assert second.parent == snap.uuid
+    assert backend.descendants(snap.uuid) == [second.uuid]
+    assert backend.delete_snapshot(snap.uuid) == [snap.uuid]
+    assert backend.get_vdi(second.uuid).parent is None  # re-parented
+    assert read(backend, clone.uuid, CHUNK_SIZE, CHUNK_SIZE) == data[1]
+    with pytest.raises(InvalidArgument):
+        backend.delete_snapshot(uuid)  # not a snapshot
+    # A checkpoint keeps its map for deltas, not its data.
+    checkpoint = backend.data_destroy(second.uuid)
+    assert checkpoint.data_destroyed
+    _, kept = backend.state(second.uuid)
+    assert chunks_of(live.diff(kept)) == []
+    backend.destroy(clone.uuid)
+    with pytest.raises(NotFound):
+        backend.get_vdi(clone.uuid)
+
+
+def test_new_vdis_resize_and_import_identity(backend: Backend) -> None:
+    with backend.writer(None, replace=True, new_vdi=("made", 3 * MiB), bulk=True) as writer:
+        writer.write_chunk(2, b"new")
+        assert [r.uuid for r in backend.list_vdis()] == []  # appears with the commit
+        writer.import_identity, writer.import_name = b"\1" * 16, "made.vhd"
+        record = writer.commit()
+    assert record.name_label == "made" and record.virtual_size == 3 * MiB
+    identity, name, generation = backend.last_import(record.uuid)
+    assert (identity, name, generation) == (b"\1" * 16, "made.vhd", record.generation)
+    grown = backend.resize(record.uuid, 5 * MiB)
+    assert grown.virtual_size == 5 * MiB and grown.generation > record.generation
+    assert read(backend, record.uuid, 3 * MiB, 2 * MiB) == bytes(2 * MiB)
+    with pytest.raises(InvalidArgument):
+        backend.resize(record.uuid, MiB)
+    snap = backend.snapshot(record.uuid)
+    with pytest.raises(ReadOnly):
+        backend.resize(snap.uuid, 9 * MiB)
+
+
+def test_imports_lock_and_log(backend: Backend) -> None:
+    lock = backend.import_lock("some-target")
+    with pytest.raises(Busy):
+        backend.import_lock("some-target")
+    other = backend.import_lock("new-other")
+    lock.release()
+    backend.import_lock("some-target").release()
+    other.release()
+    first = backend.imports.start("a.vhd", None, "vhd", 10)
+    second = backend.imports.start("b.raw", "t", "raw", 20)
+    backend.imports.end(second, "failed", "why", 22, 0, 0.1, notes="a note")
+    backend.imports.end(first, "done", None, 0, 3, 0.2, target="u", received=11)
+    newest, oldest = backend.imports.recent(2)
+    assert (newest["id"], newest["state"], newest["errno_name"]) == (second, "failed", "EINVAL")
+    assert newest["notes"] == "a note" and newest["error"] == "why"
+    assert (oldest["target"], oldest["bytes_received"], oldest["chunks_applied"]) == ("u", 11, 3)
+    backend.imports.forget(first)
+    assert [i["id"] for i in backend.imports.recent(10)] == [second]
+    path, fd = backend.scratch_file()
+    try:
+        os.pwrite(fd, b"staged", 0)
+        assert path.read_bytes() == b"staged"
+    finally:
+        os.close(fd)
+        path.unlink()
+    block_size, blocks, free = backend.space()
+    assert block_size > 0 and blocks >= free >= 0
