@@ -13,7 +13,7 @@ import pytest
 
 from vdifs.cli import parse_size
 from vdifs.errors import InvalidArgument, NotFound, ReadOnly
-from vdifs.imports import Applier
+from vdifs.imports.engine import Applier
 from vdifs.model import CHUNK_SIZE
 from vdifs.storage.local import LocalSR, layout, writer
 from vdifs.storage.local.blockmap import ROW_BYTES

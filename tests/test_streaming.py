@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from tests.conftest import FUZZ_DERANDOMIZE, FUZZ_EXAMPLES, needs_tool
 from vdifs.errors import VdifsError
 from vdifs.exports import DiskState, Export
-from vdifs.imports import run_import
+from vdifs.imports.engine import run_import
+from vdifs.imports.uploads import Uploads
 from vdifs.storage.local import LocalSR
-from vdifs.uploads import Uploads
 
 pytestmark = needs_tool("qemu-img")
 

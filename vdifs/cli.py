@@ -321,7 +321,7 @@ def cmd_export(sr: Backend, args: argparse.Namespace) -> None:
 
 
 def cmd_import(sr: Backend, args: argparse.Namespace) -> None:
-    from vdifs.imports import IMAGE_EXTENSIONS, file_reader, run_import
+    from vdifs.imports.engine import IMAGE_EXTENSIONS, file_reader, run_import
 
     path = Path(args.file)
     fmt = args.format

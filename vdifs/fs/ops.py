@@ -9,10 +9,9 @@ but FUSEError).
 
 Threads: reads first try the page cache on the event loop (``RWF_NOWAIT``);
 only a read that would wait for the disk goes to a worker thread, once per
-request.  Commits (hashing, fsync) always run in a thread.  Each purpose has
-its own limiter, so that imports never starve readers: :data:`READS` (reads
-that would block), :data:`UPLOADS` (storing the writes of uploads) and
-:data:`APPLIES` (applying an import, committing a live disk).
+request.  Commits (hashing, fsync) always run in a thread, each purpose under
+its own limiter (:mod:`vdifs.limits`).  ``import/`` is the imports layer's
+(:class:`~vdifs.imports.directory.ImportDirectory`): its handlers only pass on.
 """
 
 from __future__ import annotations
@@ -31,22 +30,20 @@ import trio
 
 from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
-from vdifs.fs.pipeline import WritePipeline
 from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
 from vdifs.fs.window import Windows
+from vdifs.imports.directory import ImportDirectory
+from vdifs.imports.uploads import Upload
+from vdifs.limits import APPLIES, READS
 from vdifs.livedisk import DIRTY_LIMIT, Fetched, LiveDisk, NeedsFetch
 from vdifs.model import ceil_div
 from vdifs.storage.backend import Pin, WouldBlock
-from vdifs.uploads import Upload, apply_or_explain, still_open_by
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-READS = trio.CapacityLimiter(4)
-UPLOADS = trio.CapacityLimiter(2)
-APPLIES = trio.CapacityLimiter(2)
 RENAME_EXCHANGE = 2  # linux/fs.h
 REFRESH_INTERVAL = 0.5  # seconds between checks for changes made by other processes
 BLKSIZE = 1 << 20
@@ -119,15 +116,13 @@ class VdifsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._live: dict[str, LiveDisk] = {}
         self._flush_locks: dict[str, trio.Lock] = {}
-        self._pipelines: dict[int, WritePipeline] = {}  # by id() of an open upload
-        self._applying: dict[int, trio.Event] = {}  # by id() of an upload being applied
-        self._nursery: trio.Nursery | None = None
+        self.imports = ImportDirectory(tree.uploads, self._refresh)
         self.uid = os.geteuid()
         self.gid = os.getegid()
 
     def start(self, nursery: trio.Nursery) -> None:
         """Run the background tasks (SR watching, stored writes) in ``nursery``."""
-        self._nursery = nursery
+        self.imports.start(nursery)
         nursery.start_soon(self.watch_sr)
 
     # -- inodes ----------------------------------------------------------------
@@ -220,10 +215,7 @@ class VdifsOperations(pyfuse3.Operations):
         if node[0] == "upload":
             # Uploads take truncation (O_TRUNC, rsync); modes and times are ignored.
             if fields.update_size:
-                upload = self.tree.uploads.get(node[1])
-                await self._settle(upload)
-                # Blocking: growing a streamed image applies the new zeros.
-                await trio.to_thread.run_sync(upload.truncate, attr.st_size, limiter=UPLOADS)
+                await self.imports.truncate(node[1], attr.st_size)
             return self._entry(node)
         if fields.update_size and attr.st_size != self.tree.attr(node).size:
             # A disk's size is fixed; truncation (cp's O_TRUNC) would destroy it.
@@ -315,14 +307,10 @@ class VdifsOperations(pyfuse3.Operations):
             self._handles[fh] = Handle(node, data=self.tree.generated(node))
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         if kind == "upload":
-            upload = self.tree.uploads.get(node[1])
-            await self._settle(upload)
-            if write:
-                # libfuse negotiates atomic O_TRUNC: truncation arrives here, not in setattr.
-                self.tree.uploads.open_for_writing(
-                    upload, ctx.pid, truncate=bool(flags & os.O_TRUNC)
-                )
-            upload.handles += 1
+            # libfuse negotiates atomic O_TRUNC: truncation arrives here, not in setattr.
+            upload = await self.imports.open(
+                node[1], ctx.pid, write=write, truncate=bool(flags & os.O_TRUNC)
+            )
             self._handles[fh] = Handle(node, upload=upload, writing=write)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
         if flags & os.O_TRUNC:
@@ -360,8 +348,7 @@ class VdifsOperations(pyfuse3.Operations):
         if handle.data is not None:
             return handle.data[off : off + size]
         if handle.upload is not None:
-            await self._settle(handle.upload)
-            return handle.upload.read(off, size)
+            return await self.imports.read(handle.upload, off, size)
         # pyfuse3 replies from any buffer: the bytearray goes out without a copy.
         if handle.live is not None:
             live = handle.live
@@ -378,19 +365,8 @@ class VdifsOperations(pyfuse3.Operations):
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
-        upload = handle.upload
-        if upload is not None:
-            # Answered once queued: storing (hashing, for a streamed VHD) runs
-            # behind the reply while the next write arrives (vdifs.fs.pipeline).
-            pipeline = self._pipelines.get(id(upload))
-            if pipeline is None:
-                assert self._nursery is not None
-                pipeline = WritePipeline(upload.store, self._nursery, UPLOADS)
-                self._pipelines[id(upload)] = pipeline
-            pipeline.raise_error()
-            upload.accept(off, len(buf))
-            await pipeline.write(off, buf)
-            return len(buf)
+        if handle.upload is not None:
+            return await self.imports.write(handle.upload, off, buf)
         live = handle.live
         if live is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -415,63 +391,13 @@ class VdifsOperations(pyfuse3.Operations):
             # The writer's own raw.img pages already hold what it wrote.
             await self._invalidate_changed(changed, keep_raw_of=live.uuid)
 
-    async def _settle(self, upload: Upload) -> None:
-        """Wait for an upload's queued writes; a write that failed fails the upload."""
-        pipeline = self._pipelines.get(id(upload))
-        if pipeline is None:
-            return
-        try:
-            await pipeline.settle()
-        except BaseException as exc:
-            await trio.to_thread.run_sync(upload.abandon, exc, limiter=UPLOADS)
-            raise
-
-    async def _await_outcome(self, upload: Upload) -> None:
-        """For a flush of an upload already applied or being applied: its outcome.
-
-        A process that forks while writing into import/ (its child's exec
-        closes an inherited descriptor) sends a second flush, which may come
-        first and start the import: the writer's own close() must still wait
-        for it and get its error.
-        """
-        done = self._applying.get(id(upload))
-        if done is not None:
-            await done.wait()
-        if upload.error is not None:
-            raise upload.error
-
-    async def _apply_upload(self, upload: Upload) -> None:
-        """Apply a finished upload off the loop; its error becomes this call's errno."""
-        # Marked before the first await: a second flush of the same file (another
-        # descriptor closed meanwhile) waits for this one in _await_outcome.
-        upload.applied = True
-        done = self._applying[id(upload)] = trio.Event()
-        try:
-            result = await trio.to_thread.run_sync(apply_or_explain, upload, limiter=APPLIES)
-        finally:
-            del self._applying[id(upload)]
-            done.set()
-            await self._refresh()
-        log.info("imported %s into %s", upload.name, result.target)
-
     @_errors
     async def flush(self, fh: int) -> None:
         handle = self._handles[fh]
         if handle.live is not None:
             await self._flush_live(handle.live)
-        upload = handle.upload
-        if upload is not None:
-            await self._settle(upload)
-            if upload.applied:
-                await self._await_outcome(upload)
-                return
-        if (
-            upload is not None
-            and upload.ready
-            and upload.handles == 1
-            and not any(still_open_by(pid, upload.name) for pid in upload.writers)
-        ):
-            await self._apply_upload(upload)
+        if handle.upload is not None:
+            await self.imports.flush(handle.upload)
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -484,11 +410,7 @@ class VdifsOperations(pyfuse3.Operations):
         if handle.pins is not None:
             handle.pins.release()
         if handle.upload is not None:
-            self.tree.uploads.release(handle.upload, writing=handle.writing)
-            if handle.upload.handles == 0:
-                pipeline = self._pipelines.pop(id(handle.upload), None)
-                if pipeline is not None:
-                    pipeline.close()  # settled by the flush that came first
+            await self.imports.release(handle.upload, writing=handle.writing)
         live = handle.live
         if live is not None:
             live.open_handles -= 1
@@ -507,8 +429,7 @@ class VdifsOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._import_dir(parent_inode)
-        upload = self.tree.uploads.create(os.fsdecode(name), ctx.pid)
-        upload.handles += 1
+        upload = await self.imports.create(os.fsdecode(name), ctx.pid)
         node = ("upload", upload.name)
         fh = self._next_fh
         self._next_fh += 1
@@ -531,21 +452,17 @@ class VdifsOperations(pyfuse3.Operations):
             return
         self._import_dir(parent_inode_old)
         self._import_dir(parent_inode_new)
-        old_node = ("upload", old)
-        upload = self.tree.uploads.rename(old, new)
-        # The inode follows the file to its new name.
-        ino = self._inodes.pop(old_node, None)
+        await self.imports.rename(old, new, lambda upload: self._moved(upload, old, new))
+
+    def _moved(self, upload: Upload, old: str, new: str) -> None:
+        """The inode follows an upload to its new name (before it is applied)."""
+        ino = self._inodes.pop(("upload", old), None)
         if ino is not None:
             self._inodes[("upload", new)] = ino
             self._nodes[ino] = ("upload", new)
             for handle in self._handles.values():
                 if handle.upload is upload:
                     handle.node = ("upload", new)
-        if upload.ready and upload.handles == 0:
-            try:
-                await self._apply_upload(upload)
-            finally:
-                self.tree.uploads.finish(upload)
 
     async def _rename_snapshot(
         self, parent_old: int, old: str, parent_new: int, new: str, flags: int
@@ -574,11 +491,7 @@ class VdifsOperations(pyfuse3.Operations):
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._import_dir(parent_inode)
-        upload = self.tree.uploads.get(os.fsdecode(name))
-        with contextlib.suppress(Exception):
-            await self._settle(upload)  # its queued writes go nowhere: only wait for them
-        upload.applied = True  # never apply what was deleted
-        self.tree.uploads.remove(upload)
+        await self.imports.unlink(os.fsdecode(name))
 
     # -- snapshots/ with -o snapshot_admin ---------------------------------------------
 

@@ -27,9 +27,9 @@ from xml.sax.saxutils import escape
 
 from vdifs.errors import NotFound, ReadOnly
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
+from vdifs.imports.uploads import Uploads
 from vdifs.model import VdiRecord, VmRecord, ceil_div, iso_to_unix
 from vdifs.storage.backend import Backend
-from vdifs.uploads import Uploads
 
 log = logging.getLogger(__name__)
 

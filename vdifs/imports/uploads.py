@@ -1,7 +1,7 @@
 """Files being written into ``import/``: staging, naming, and when to apply.
 
 An upload is staged in a sparse scratch file of the backend as it arrives.
-It is applied (see :mod:`vdifs.imports`) when the last handle of a
+It is applied (see :mod:`vdifs.imports.engine`) when the last handle of a
 validly named upload is closed, or when a staged file is renamed onto a valid
 name (rsync's temporary file).  Applying is blocking work: the adapter runs
 :meth:`Upload.apply` in a thread and turns its error into the errno of
@@ -26,7 +26,7 @@ while ``rsync --inplace`` of a whole image works.  Opening the stub for
 writing and closing it unwritten (``touch``) leaves it as it was.
 
 Every upload carries a whole image, its holes being zeros, and a raw file
-must be exactly the disk's size (:mod:`vdifs.imports`): separate ``dd
+must be exactly the disk's size (:mod:`vdifs.imports.engine`): separate ``dd
 conv=notrunc`` runs into one name never add up to a disk (write into a live
 VDI's ``raw.img`` to change part of a disk).
 """
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vdifs.errors import Busy, InvalidArgument, NameTooLong, NotFound, ReadOnly, TooLarge
-from vdifs.imports import (
+from vdifs.imports.engine import (
     ImportJob,
     ImportName,
     ImportResult,
@@ -52,9 +52,9 @@ from vdifs.imports import (
     record_not_applied,
     run_import,
 )
+from vdifs.imports.streaming import ImageStream, Qcow2Stream, VhdStream
 from vdifs.model import check_name
 from vdifs.storage.backend import Backend, Pin
-from vdifs.streaming import ImageStream, Qcow2Stream, VhdStream
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Upload:
     stream: ImageStream | None = None  # an image applied as it arrives
 
     def start_stream(self) -> None:
-        """Apply a validly named VHD or qcow2 while it arrives (see vdifs.streaming)."""
+        """Apply a validly named VHD or qcow2 while it arrives (see vdifs.imports.streaming)."""
         request = self.request
         self.stream = None
         if request is None or request.fmt not in STREAMS:

@@ -43,7 +43,7 @@ from vdifs.formats.qcow2_parse import streamed_size as qcow2_streamed_size
 from vdifs.formats.vhd_parse import BlockSpan, ParsedImage, parse_vhd, streamed_size
 from vdifs.formats.vhd_parse import Write as VhdWrite
 from vdifs.formats.vhd_parse import metadata_length as vhd_metadata_length
-from vdifs.imports import (
+from vdifs.imports.engine import (
     ImageWrite,
     ImportJob,
     ImportResult,
