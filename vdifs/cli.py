@@ -401,8 +401,8 @@ def cmd_sr_info(sr: Backend, args: argparse.Namespace) -> None:
 def cmd_sr_gc(sr: Backend, args: argparse.Namespace) -> None:
     if not sr.capabilities.garbage_collection:
         raise Unsupported(f"{sr.description} reclaims unused data by itself")
-    packs, freed = sr.garbage_collect()
-    print(f"removed {packs} unused pack(s), {_human(freed)} freed")
+    objects, freed = sr.garbage_collect()
+    print(f"removed {objects} unused data object(s), {_human(freed)} freed")
 
 
 def cmd_demo(sr: Backend, args: argparse.Namespace) -> None:

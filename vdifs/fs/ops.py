@@ -30,7 +30,21 @@ import trio
 
 from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
-from vdifs.fs.tree import GENERATED_KINDS, ROOT, Node, Tree
+from vdifs.fs.nodes import (
+    ROOT,
+    DeltaImage,
+    FullImage,
+    Generated,
+    ImportDir,
+    Node,
+    RawImage,
+    SnapshotsDir,
+    SnapshotView,
+    UploadFile,
+    VmSnapshotDir,
+    VmSnapshotsDir,
+)
+from vdifs.fs.tree import Tree
 from vdifs.fs.window import Windows
 from vdifs.imports.directory import ImportDirectory
 from vdifs.imports.uploads import Upload
@@ -212,10 +226,10 @@ class VdifsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if node[0] == "upload":
+        if isinstance(node, UploadFile):
             # Uploads take truncation (O_TRUNC, rsync); modes and times are ignored.
             if fields.update_size:
-                await self.imports.truncate(node[1], attr.st_size)
+                await self.imports.truncate(node.name, attr.st_size)
             return self._entry(node)
         if fields.update_size and attr.st_size != self.tree.attr(node).size:
             # A disk's size is fixed; truncation (cp's O_TRUNC) would destroy it.
@@ -298,18 +312,17 @@ class VdifsOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         write = flags & os.O_ACCMODE != os.O_RDONLY
-        kind = node[0]
         fh = self._next_fh
         self._next_fh += 1
-        if kind in GENERATED_KINDS:
+        if isinstance(node, Generated):
             if write:
                 raise ReadOnly("generated files are read-only")
             self._handles[fh] = Handle(node, data=self.tree.generated(node))
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
-        if kind == "upload":
+        if isinstance(node, UploadFile):
             # libfuse negotiates atomic O_TRUNC: truncation arrives here, not in setattr.
             upload = await self.imports.open(
-                node[1], ctx.pid, write=write, truncate=bool(flags & os.O_TRUNC)
+                node.name, ctx.pid, write=write, truncate=bool(flags & os.O_TRUNC)
             )
             self._handles[fh] = Handle(node, upload=upload, writing=write)
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
@@ -319,11 +332,12 @@ class VdifsOperations(pyfuse3.Operations):
         export: Export | None = self.tree.open_export(node, write=write)
         immutable = self.tree.is_immutable(node)
         live = None
-        if kind == "raw" and not immutable and write:
+        live_raw = isinstance(node, RawImage) and not immutable
+        if isinstance(node, RawImage) and live_raw and write:
             # A writer reads through its write buffer.  A read-only open of a
             # live disk pins the state at open, like an ephemeral snapshot: a
             # reader never sees half of an import.
-            live = self._live_disk(node[1])
+            live = self._live_disk(node.uuid)
             live.open_handles += 1
             export = None
         pins = None
@@ -338,8 +352,9 @@ class VdifsOperations(pyfuse3.Operations):
         # 1 MiB requests for streaming readers (cp, qemu-img: measured 1.5x to
         # 3.9x faster, docs/performance.md), but one request per read() for
         # small-buffer readers (sha256sum): so it is an option, not the default.
-        pinned_live = kind == "raw" and not immutable and live is None
-        direct = pinned_live or (self.direct_io_images and kind in ("full", "delta"))
+        pinned_live = live_raw and live is None
+        image = isinstance(node, FullImage | DeltaImage)
+        direct = pinned_live or (self.direct_io_images and image)
         return pyfuse3.FileInfo(fh=fh, keep_cache=immutable and not direct, direct_io=direct)
 
     @_errors
@@ -421,7 +436,7 @@ class VdifsOperations(pyfuse3.Operations):
     # -- import/ ------------------------------------------------------------------------
 
     def _import_dir(self, inode: int) -> None:
-        if self._node(inode)[0] != "import":
+        if not isinstance(self._node(inode), ImportDir):
             raise pyfuse3.FUSEError(errno.EACCES if not self.tree.read_only else errno.EROFS)
 
     @_errors
@@ -430,7 +445,7 @@ class VdifsOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._import_dir(parent_inode)
         upload = await self.imports.create(os.fsdecode(name), ctx.pid)
-        node = ("upload", upload.name)
+        node = UploadFile(upload.name)
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(node, upload=upload, writing=True)
@@ -447,7 +462,7 @@ class VdifsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         old, new = os.fsdecode(name_old), os.fsdecode(name_new)
-        if self._node(parent_inode_old)[0] in ("snapdir", "vmsnaps"):
+        if isinstance(self._node(parent_inode_old), SnapshotsDir | VmSnapshotsDir):
             await self._rename_snapshot(parent_inode_old, old, parent_inode_new, new, flags)
             return
         self._import_dir(parent_inode_old)
@@ -456,13 +471,13 @@ class VdifsOperations(pyfuse3.Operations):
 
     def _moved(self, upload: Upload, old: str, new: str) -> None:
         """The inode follows an upload to its new name (before it is applied)."""
-        ino = self._inodes.pop(("upload", old), None)
+        ino = self._inodes.pop(UploadFile(old), None)
         if ino is not None:
-            self._inodes[("upload", new)] = ino
-            self._nodes[ino] = ("upload", new)
+            self._inodes[UploadFile(new)] = ino
+            self._nodes[ino] = UploadFile(new)
             for handle in self._handles.values():
                 if handle.upload is upload:
-                    handle.node = ("upload", new)
+                    handle.node = UploadFile(new)
 
     async def _rename_snapshot(
         self, parent_old: int, old: str, parent_new: int, new: str, flags: int
@@ -523,10 +538,10 @@ class VdifsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST)
         if kind == "vdi":
             snap = await trio.to_thread.run_sync(self.tree.sr.snapshot, owner, text)
-            node: Node = ("snapview", owner, snap.uuid)
+            node: Node = SnapshotView(owner, snap.uuid)
         else:
             vm_snap = await trio.to_thread.run_sync(self.tree.vm_model.snapshot, owner, text)
-            node = ("vmsnap", owner, vm_snap.uuid)
+            node = VmSnapshotDir(owner, vm_snap.uuid)
         await self._refresh()
         return self._entry(node)
 
@@ -559,7 +574,8 @@ class VdifsOperations(pyfuse3.Operations):
         inodes = [
             ino
             for node in self.tree.inode_nodes_of(uuid)
-            if not (skip_raw and node[0] == "raw") and (ino := self._inodes.get(node)) is not None
+            if not (skip_raw and isinstance(node, RawImage))
+            and (ino := self._inodes.get(node)) is not None
         ]
         if inodes:
             await trio.to_thread.run_sync(_invalidate_inodes, inodes)

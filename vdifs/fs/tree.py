@@ -1,10 +1,7 @@
 """The directory tree users see, without FUSE.
 
-Nodes are small tuples (``("raw", uuid)``, ``("delta", uuid, base, "vhd")``)
-so that the adapter can give each a stable inode.  A directory that appears
-at two paths (a snapshot's folder under ``vdis/`` and its view under a
-VDI's ``snapshots/`` in admin mode) gets distinct nodes (a trailing
-``"view"``), because Linux keeps one dentry per directory inode.
+Entries are :mod:`vdifs.fs.nodes` (one frozen dataclass per kind, dispatched
+with ``match``), so that the adapter can give each a stable inode.
 
 The tree holds the SR's records as of the last :meth:`Tree.refresh` and caches
 disk states and exports per VDI generation: a changed VDI has a new
@@ -27,33 +24,55 @@ from xml.sax.saxutils import escape
 
 from vdifs.errors import NotFound, ReadOnly
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
+from vdifs.fs.nodes import (
+    BY_NAME,
+    IMPORT,
+    STATUS_DIR,
+    VDIS,
+    VMS,
+    ByNameDir,
+    CurrentLink,
+    DeltaImage,
+    DeltasDir,
+    FullImage,
+    ImportDir,
+    InfoFile,
+    Link,
+    NameLink,
+    Node,
+    RawImage,
+    Root,
+    SnapshotLink,
+    SnapshotsDir,
+    SnapshotView,
+    StatusDir,
+    StatusFile,
+    UploadFile,
+    VdiDir,
+    VdisDir,
+    VmCurrentLink,
+    VmDir,
+    VmDiskLink,
+    VmDisksDir,
+    VmInfoFile,
+    VmsDir,
+    VmSnapshotDir,
+    VmSnapshotDiskLink,
+    VmSnapshotDisksDir,
+    VmSnapshotInfoFile,
+    VmSnapshotsDir,
+    VmSnapshotXml,
+)
 from vdifs.imports.uploads import Uploads
 from vdifs.model import VdiRecord, VmRecord, ceil_div, iso_to_unix
 from vdifs.storage.backend import Backend
 
 log = logging.getLogger(__name__)
 
-Node = tuple[Any, ...]
-ROOT: Node = ("root",)
-VDIS: Node = ("vdis",)
-VMS: Node = ("vms",)
-BY_NAME: Node = ("by-name",)
-IMPORT: Node = ("import",)
-STATUS_DIR: Node = ("status-dir",)
 STATUS_HISTORY = 100  # imports whose outcome import/.status/ shows
 
 IMMUTABLE_TIMEOUT = 300.0  # snapshot files never change
 MUTABLE_TIMEOUT = 1.0  # the mount shows CLI changes within a second
-
-DIR_KINDS = frozenset(
-    {
-        "root", "vdis", "vms", "by-name", "import", "status-dir", "vdi", "deltas", "snapdir",
-        "snapview", "vm", "vmdisks", "vmsnaps", "vmsnap", "vmsnapdisks",
-    }
-)  # fmt: skip
-LINK_KINDS = frozenset({"name", "snaplink", "curlink", "vmdisk", "vmsnapdisk", "vmcurrent"})
-GENERATED_KINDS = frozenset({"info", "status", "vminfo", "vmsnapinfo", "vmsnapxml"})
-PRIVATE_DIRS = frozenset({"import", "status-dir"})
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,10 @@ def _suffixes(uuid: str) -> Iterator[str]:
         yield f"~{uuid}~{n}"
 
 
+def _by_name(entry: tuple[str, Node]) -> str:
+    return entry[0]
+
+
 def _json(data: Any) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
@@ -177,7 +200,12 @@ class Tree:
         )
         self.changed_ns = time.time_ns()
         if changed:
-            self._file_attrs = {n: a for n, a in self._file_attrs.items() if n[1] in records}
+            self._file_attrs = {
+                node: attr
+                for node, attr in self._file_attrs.items()
+                if isinstance(node, InfoFile | RawImage | FullImage | DeltaImage)
+                and node.uuid in records
+            }
         return changed
 
     def record(self, uuid: str) -> VdiRecord:
@@ -253,27 +281,28 @@ class Tree:
 
     def snapshot_owner(self, node: Node) -> tuple[str, str]:
         """``("vdi"|"vm", uuid)`` for a snapshots/ directory; NotFound otherwise."""
-        if node[0] == "snapdir":
-            return "vdi", node[1]
-        if node[0] == "vmsnaps":
-            return "vm", node[1]
+        match node:
+            case SnapshotsDir(vdi):
+                return "vdi", vdi
+            case VmSnapshotsDir(vm):
+                return "vm", vm
         raise NotFound("not a snapshots directory")
 
     # -- generated files ------------------------------------------------------------------
 
     def generated(self, node: Node) -> bytes:
-        kind = node[0]
-        if kind == "info":
-            return _json(self.record(node[1]).to_json())
-        if kind == "status":
-            try:
-                return _json(self.import_outcomes()[node[1]])
-            except KeyError:
-                raise NotFound(node[1]) from None
-        if kind in ("vminfo", "vmsnapinfo"):
-            return _json(self.vm(node[1]).to_json())
-        if kind == "vmsnapxml":
-            return self.snapshot_xml(node[1])
+        match node:
+            case InfoFile(uuid):
+                return _json(self.record(uuid).to_json())
+            case StatusFile(name):
+                try:
+                    return _json(self.import_outcomes()[name])
+                except KeyError:
+                    raise NotFound(name) from None
+            case VmInfoFile(uuid) | VmSnapshotInfoFile(uuid):
+                return _json(self.vm(uuid).to_json())
+            case VmSnapshotXml(uuid):
+                return self.snapshot_xml(uuid)
         raise NotFound(str(node))
 
     def snapshot_xml(self, uuid: str) -> bytes:
@@ -312,193 +341,205 @@ class Tree:
     # -- the directory structure --------------------------------------------------------
 
     def children(self, node: Node) -> list[tuple[str, Node]]:
-        kind = node[0]
-        if kind == "root":
-            return [("by-name", BY_NAME), ("import", IMPORT), ("vdis", VDIS), ("vms", VMS)]
-        if kind == "vdis":
-            return [(u, ("vdi", u)) for u in sorted(self.records)]
-        if kind in ("vdi", "snapview"):
-            uuid = node[1] if kind == "vdi" else node[2]
-            return self._vdi_entries(uuid, view=kind == "snapview" or len(node) > 2)
-        if kind == "deltas":
-            uuid = node[1]
-            size = self.record(uuid).virtual_size
-            return [
-                (f"{base}.{fmt}", ("delta", uuid, base, fmt))
-                for base in self.delta_bases(uuid)
-                for fmt in IMAGE_FORMATS
-                if format_supports(fmt, size)
-            ]
-        if kind == "snapdir":
-            vdi = node[1]
-            entry = "snapview" if self.snapshot_admin else "snaplink"
-            out: list[tuple[str, Node]] = [
-                (n, (entry, vdi, s)) for n, s in self.vdi_snapshot_names(vdi).items()
-            ]
-            if self.record(vdi).current in self.records:
-                out.append(("current", ("curlink", vdi)))
-            return sorted(out)
-        if kind == "by-name":
-            return [(name, ("name", name)) for name in sorted(self.names)]
-        if kind == "import":
-            return [(".status", STATUS_DIR)] + [
-                (name, ("upload", name)) for name in self.uploads.visible()
-            ]
-        if kind == "status-dir":
-            return [(f"{name}.json", ("status", name)) for name in self.import_outcomes()]
-        if kind == "vms":
-            return [(u, ("vm", u)) for u, v in sorted(self.vms.items()) if not v.is_a_snapshot]
-        if kind == "vm":
-            vm = self.vm(node[1])
-            out = [
-                ("disks", ("vmdisks", vm.uuid)),
-                ("info.json", ("vminfo", vm.uuid)),
-                ("snapshots", ("vmsnaps", vm.uuid)),
-            ]
-            if vm.current in self.vms:
-                out.append(("current", ("vmcurrent", vm.uuid)))
-            return out
-        if kind == "vmdisks":
-            return [(d, ("vmdisk", node[1], d)) for d in sorted(self.vm(node[1]).disks)]
-        if kind == "vmsnaps":
-            return sorted(
-                (n, ("vmsnap", node[1], s)) for n, s in self.vm_snapshot_names(node[1]).items()
-            )
-        if kind == "vmsnap":
-            snap = node[2]
-            return [
-                ("disks", ("vmsnapdisks", snap)),
-                ("info.json", ("vmsnapinfo", snap)),
-                ("snapshot.xml", ("vmsnapxml", snap)),
-            ]
-        if kind == "vmsnapdisks":
-            return [(d, ("vmsnapdisk", node[1], d)) for d in sorted(self.vm(node[1]).disks)]
+        match node:
+            case Root():
+                return [("by-name", BY_NAME), ("import", IMPORT), ("vdis", VDIS), ("vms", VMS)]
+            case VdisDir():
+                return [(u, VdiDir(u)) for u in sorted(self.records)]
+            case VdiDir(uuid):
+                return self._vdi_entries(uuid, view=False)
+            case SnapshotView(_owner, snap):
+                return self._vdi_entries(snap, view=True)
+            case DeltasDir(uuid):
+                size = self.record(uuid).virtual_size
+                return [
+                    (f"{base}.{fmt}", DeltaImage(uuid, base, fmt))
+                    for base in self.delta_bases(uuid)
+                    for fmt in IMAGE_FORMATS
+                    if format_supports(fmt, size)
+                ]
+            case SnapshotsDir(vdi):
+                out: list[tuple[str, Node]] = [
+                    (n, SnapshotView(vdi, s) if self.snapshot_admin else SnapshotLink(vdi, s))
+                    for n, s in self.vdi_snapshot_names(vdi).items()
+                ]
+                if self.record(vdi).current in self.records:
+                    out.append(("current", CurrentLink(vdi)))
+                return sorted(out, key=_by_name)
+            case ByNameDir():
+                return [(name, NameLink(name)) for name in sorted(self.names)]
+            case ImportDir():
+                return [(".status", STATUS_DIR)] + [
+                    (name, UploadFile(name)) for name in self.uploads.visible()
+                ]
+            case StatusDir():
+                return [(f"{name}.json", StatusFile(name)) for name in self.import_outcomes()]
+            case VmsDir():
+                return [(u, VmDir(u)) for u, v in sorted(self.vms.items()) if not v.is_a_snapshot]
+            case VmDir(uuid):
+                vm = self.vm(uuid)
+                entries: list[tuple[str, Node]] = [
+                    ("disks", VmDisksDir(uuid)),
+                    ("info.json", VmInfoFile(uuid)),
+                    ("snapshots", VmSnapshotsDir(uuid)),
+                ]
+                if vm.current in self.vms:
+                    entries.append(("current", VmCurrentLink(uuid)))
+                return entries
+            case VmDisksDir(vm):
+                return [(d, VmDiskLink(vm, d)) for d in sorted(self.vm(vm).disks)]
+            case VmSnapshotsDir(vm):
+                return sorted(
+                    ((n, VmSnapshotDir(vm, s)) for n, s in self.vm_snapshot_names(vm).items()),
+                    key=_by_name,
+                )
+            case VmSnapshotDir(_vm, snap):
+                return [
+                    ("disks", VmSnapshotDisksDir(snap)),
+                    ("info.json", VmSnapshotInfoFile(snap)),
+                    ("snapshot.xml", VmSnapshotXml(snap)),
+                ]
+            case VmSnapshotDisksDir(snap):
+                return [(d, VmSnapshotDiskLink(snap, d)) for d in sorted(self.vm(snap).disks)]
         raise NotFound("not a directory")
 
     def _vdi_entries(self, uuid: str, *, view: bool) -> list[tuple[str, Node]]:
         record = self.record(uuid)
-        entries: list[tuple[str, Node]] = [("info.json", ("info", uuid))]
+        entries: list[tuple[str, Node]] = [("info.json", InfoFile(uuid))]
         if record.data_destroyed:
             return entries  # a checkpoint: no data, only what deltas need
-        entries += [
-            ("delta-from", ("deltas", uuid, "view") if view else ("deltas", uuid)),
-            ("raw.img", ("raw", uuid)),
-        ]
+        entries += [("delta-from", DeltasDir(uuid, view)), ("raw.img", RawImage(uuid))]
         for fmt in IMAGE_FORMATS:
             if format_supports(fmt, record.virtual_size):
-                entries.append((f"full.{fmt}", ("full", uuid, fmt)))
+                entries.append((f"full.{fmt}", FullImage(uuid, fmt)))
         if not record.is_a_snapshot and not view:
-            entries.append(("snapshots", ("snapdir", uuid)))
-        return sorted(entries)
+            entries.append(("snapshots", SnapshotsDir(uuid)))
+        return sorted(entries, key=_by_name)
 
     def lookup(self, parent: Node, name: str) -> Node:
-        kind = parent[0]
         # Direct answers for the large directories, without listing them.
-        if kind == "vdis":
-            if name in self.records:
-                return ("vdi", name)
-            raise NotFound(name)
-        if kind == "import":
-            if name == ".status":
-                return STATUS_DIR
-            if name in self.uploads.entries:
-                return ("upload", name)
-            raise NotFound(name)
-        if kind == "deltas":
-            base, dot, fmt = name.rpartition(".")
-            uuid = parent[1]
-            if (
-                dot
-                and fmt in IMAGE_FORMATS
-                and base in self.delta_bases(uuid)
-                and format_supports(fmt, self.record(uuid).virtual_size)
-            ):
-                return ("delta", uuid, base, fmt)
-            raise NotFound(name)
+        match parent:
+            case VdisDir():
+                if name in self.records:
+                    return VdiDir(name)
+                raise NotFound(name)
+            case ImportDir():
+                if name == ".status":
+                    return STATUS_DIR
+                if name in self.uploads.entries:
+                    return UploadFile(name)
+                raise NotFound(name)
+            case DeltasDir(uuid):
+                base, dot, fmt = name.rpartition(".")
+                if (
+                    dot
+                    and fmt in IMAGE_FORMATS
+                    and base in self.delta_bases(uuid)
+                    and format_supports(fmt, self.record(uuid).virtual_size)
+                ):
+                    return DeltaImage(uuid, base, fmt)
+                raise NotFound(name)
         for child_name, child in self.children(parent):
             if child_name == name:
                 return child
         raise NotFound(name)
 
     def exists(self, node: Node) -> bool:
-        kind = node[0]
         try:
-            if kind in ("root", "vdis", "vms", "by-name", "import", "status-dir", "status"):
-                return True
-            if kind == "name":
-                return node[1] in self.names
-            if kind == "upload":
-                return node[1] in self.uploads.entries
-            if kind in ("vm", "vminfo", "vmdisks", "vmsnaps", "vmsnapinfo", "vmsnapxml"):
-                return node[1] in self.vms
-            if kind == "vmcurrent":
-                return self.vm(node[1]).current in self.vms
-            if kind in ("vmsnap",):
-                return node[2] in self.vm(node[1]).snapshots and node[2] in self.vms
-            if kind == "vmsnapdisks":
-                return node[1] in self.vms
-            if kind in ("vmdisk", "vmsnapdisk"):
-                return node[2] in self.vm(node[1]).disks
-            record = self.record(node[1])
-            if kind in ("snaplink", "snapview"):
-                return node[2] in record.snapshots and node[2] in self.records
-            if kind == "curlink":
-                return record.current in self.records
-            if record.data_destroyed and kind in ("raw", "full", "delta", "deltas", "snapview"):
-                return False  # a checkpoint has no data to show
-            if kind == "delta":
-                return node[2] in self.records and node[2] in self.delta_bases(node[1])
-            return True
+            return self._exists(node)
         except NotFound:
             return False
 
-    def _link_target(self, node: Node) -> str:
-        kind = node[0]
-        if kind == "name":
-            return f"../vdis/{self.names[node[1]]}"
-        if kind == "snaplink":
-            return f"../../{node[2]}"
-        if kind == "curlink":
-            return f"../../{self.record(node[1]).current}"
-        if kind == "vmdisk":
-            return f"../../../vdis/{self.vm(node[1]).disks[node[2]]}"
-        if kind == "vmsnapdisk":
-            return f"../../../../../vdis/{self.vm(node[1]).disks[node[2]]}"
-        if kind == "vmcurrent":
-            vm = self.vm(node[1])
-            names = {s: n for n, s in self.vm_snapshot_names(vm.uuid).items()}
-            return f"snapshots/{names[vm.current]}" if vm.current in names else ""
+    def _exists(self, node: Node) -> bool:
+        match node:
+            case Root() | VdisDir() | VmsDir() | ByNameDir() | ImportDir() | StatusDir():
+                return True
+            case StatusFile():
+                return True
+            case NameLink(name):
+                return name in self.names
+            case UploadFile(name):
+                return name in self.uploads.entries
+            case VmDir(vm) | VmInfoFile(vm) | VmDisksDir(vm) | VmSnapshotsDir(vm):
+                return vm in self.vms
+            case VmSnapshotInfoFile(vm) | VmSnapshotXml(vm) | VmSnapshotDisksDir(vm):
+                return vm in self.vms
+            case VmCurrentLink(vm):
+                return self.vm(vm).current in self.vms
+            case VmSnapshotDir(vm, snap):
+                return snap in self.vm(vm).snapshots and snap in self.vms
+            case VmDiskLink(vm, device) | VmSnapshotDiskLink(vm, device):
+                return device in self.vm(vm).disks
+            case SnapshotLink(vdi, snap) | SnapshotView(vdi, snap):
+                return snap in self.record(vdi).snapshots and snap in self.records
+            case CurrentLink(vdi):
+                return self.record(vdi).current in self.records
+            case RawImage(uuid) | FullImage(uuid) | DeltasDir(uuid):
+                return not self.record(uuid).data_destroyed  # a checkpoint has no data
+            case DeltaImage(uuid, base):
+                return (
+                    not self.record(uuid).data_destroyed
+                    and base in self.records
+                    and base in self.delta_bases(uuid)
+                )
+            case VdiDir(uuid) | InfoFile(uuid) | SnapshotsDir(uuid):
+                return uuid in self.records
+        raise NotFound(str(node))
+
+    def _link_target(self, node: Link) -> str:
+        match node:
+            case NameLink(name):
+                return f"../vdis/{self.names[name]}"
+            case SnapshotLink(_vdi, snap):
+                return f"../../{snap}"
+            case CurrentLink(vdi):
+                return f"../../{self.record(vdi).current}"
+            case VmDiskLink(vm, device):
+                return f"../../../vdis/{self.vm(vm).disks[device]}"
+            case VmSnapshotDiskLink(snap, device):
+                return f"../../../../../vdis/{self.vm(snap).disks[device]}"
+            case VmCurrentLink(vm_uuid):
+                current = self.vm(vm_uuid).current
+                names = {s: n for n, s in self.vm_snapshot_names(vm_uuid).items()}
+                return f"snapshots/{names[current]}" if current in names else ""
         raise NotFound(str(node))
 
     def attr(self, node: Node) -> Attr:
         if not self.exists(node):
             raise NotFound("gone")
-        kind = node[0]
-        if kind in DIR_KINDS:
-            mode = 0o700 if kind in PRIVATE_DIRS else 0o755
-            if kind in ("vdi", "snapview"):
-                mtime = self.record(node[1] if kind == "vdi" else node[2]).changed_ns
-            else:
-                mtime = self.changed_ns
-            return Attr(stat.S_IFDIR | mode, 0, mtime)
-        if kind in LINK_KINDS:
-            target = self._link_target(node)
-            return Attr(stat.S_IFLNK | 0o777, len(target), self.changed_ns, target=target)
-        if kind == "upload":
-            upload = self.uploads.get(node[1])
-            # Never cached: an upload vanishes once applied, and the same name
-            # must then be creatable again at once.
-            return Attr(
-                stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, ceil_div(upload.size, 512), 0.0
-            )
-        if kind == "info":
-            return self._cached_attr(node, (self.record(node[1]),), self._generated_attr)
-        if kind in GENERATED_KINDS:
-            return self._generated_attr(node)
-        if kind not in ("raw", "full", "delta"):
-            raise NotFound(str(node))
-        sources = (self.record(node[1]),) + ((self.record(node[2]),) if kind == "delta" else ())
-        return self._cached_attr(node, sources, self._image_attr)
+        match node:
+            case VdiDir(uuid) | SnapshotView(_, uuid):
+                return Attr(stat.S_IFDIR | 0o755, 0, self.record(uuid).changed_ns)
+            case ImportDir() | StatusDir():
+                return Attr(stat.S_IFDIR | 0o700, 0, self.changed_ns)
+            case (
+                Root() | VdisDir() | VmsDir() | ByNameDir() | DeltasDir() | SnapshotsDir()
+                | VmDir() | VmDisksDir() | VmSnapshotsDir() | VmSnapshotDir()
+                | VmSnapshotDisksDir()
+            ):  # fmt: skip
+                return Attr(stat.S_IFDIR | 0o755, 0, self.changed_ns)
+            case (
+                NameLink() | SnapshotLink() | CurrentLink() | VmDiskLink()
+                | VmSnapshotDiskLink() | VmCurrentLink()
+            ):  # fmt: skip
+                target = self._link_target(node)
+                return Attr(stat.S_IFLNK | 0o777, len(target), self.changed_ns, target=target)
+            case UploadFile(name):
+                upload = self.uploads.get(name)
+                # Never cached: an upload vanishes once applied, and the same name
+                # must then be creatable again at once.
+                blocks = ceil_div(upload.size, 512)
+                return Attr(stat.S_IFREG | 0o600, upload.size, upload.mtime_ns, blocks, 0.0)
+            case InfoFile(uuid):
+                return self._cached_attr(node, (self.record(uuid),), self._generated_attr)
+            case StatusFile() | VmInfoFile() | VmSnapshotInfoFile() | VmSnapshotXml():
+                return self._generated_attr(node)
+            case RawImage(uuid) | FullImage(uuid):
+                return self._cached_attr(node, (self.record(uuid),), self._image_attr)
+            case DeltaImage(uuid, base):
+                sources = (self.record(uuid), self.record(base))
+                return self._cached_attr(node, sources, self._image_attr)
+        raise NotFound(str(node))
 
     def _cached_attr(
         self, node: Node, sources: tuple[VdiRecord, ...], build: Callable[[Node], Attr]
@@ -511,21 +552,17 @@ class Tree:
         return attr
 
     def _generated_attr(self, node: Node) -> Attr:
-        mode = 0o400 if node[0] == "status" else 0o444
+        mode = 0o400 if isinstance(node, StatusFile) else 0o444
         return Attr(stat.S_IFREG | mode, len(self.generated(node)), self.changed_ns)
 
     def _image_attr(self, node: Node) -> Attr:
-        kind = node[0]
-        record = self.record(node[1])
+        assert isinstance(node, RawImage | FullImage | DeltaImage)
+        record = self.record(node.uuid)
+        writable = isinstance(node, RawImage) and not record.is_a_snapshot and not self.read_only
         immutable = self.is_immutable(node)
-        if kind == "raw":
-            writable = not record.is_a_snapshot and not self.read_only
-            mode = 0o600 if writable else 0o400
-        else:
-            mode = 0o400
         export = self.open_export(node, write=False)
         return Attr(
-            stat.S_IFREG | mode,
+            stat.S_IFREG | (0o600 if writable else 0o400),
             export.size,
             record.changed_ns,
             blocks=ceil_div(export.allocated_bytes, 512),
@@ -534,31 +571,31 @@ class Tree:
 
     def is_immutable(self, node: Node) -> bool:
         """Whether a file's bytes can never change (its page cache may be kept)."""
-        kind = node[0]
-        if kind in ("raw", "full"):
-            return self.record(node[1]).is_a_snapshot
-        if kind == "delta":
-            return self.record(node[1]).is_a_snapshot and self.record(node[2]).is_a_snapshot
+        match node:
+            case RawImage(uuid) | FullImage(uuid):
+                return self.record(uuid).is_a_snapshot
+            case DeltaImage(uuid, base):
+                return self.record(uuid).is_a_snapshot and self.record(base).is_a_snapshot
         return False
 
     def open_export(self, node: Node, *, write: bool) -> Export:
         """The export a file handle pins at open."""
-        kind = node[0]
         if write:
-            if kind != "raw":
+            if not isinstance(node, RawImage):
                 raise ReadOnly("only a live VDI's raw.img is writable")
-            if self.read_only or self.record(node[1]).is_a_snapshot:
-                raise ReadOnly(f"VDI {node[1]} is read-only")
-        if kind == "raw":
-            return self.export(node[1], "raw")
-        if kind == "full":
-            return self.export(node[1], node[2])
-        if kind == "delta":
-            return self.export(node[1], node[3], node[2])
+            if self.read_only or self.record(node.uuid).is_a_snapshot:
+                raise ReadOnly(f"VDI {node.uuid} is read-only")
+        match node:
+            case RawImage(uuid):
+                return self.export(uuid, "raw")
+            case FullImage(uuid, fmt):
+                return self.export(uuid, fmt)
+            case DeltaImage(uuid, base, fmt):
+                return self.export(uuid, fmt, base)
         raise NotFound(str(node))
 
     def inode_nodes_of(self, uuid: str) -> list[Node]:
         """Every node whose content depends on this VDI (for cache invalidation)."""
-        nodes: list[Node] = [("vdi", uuid), ("info", uuid), ("raw", uuid), ("deltas", uuid)]
-        nodes += [("full", uuid, fmt) for fmt in IMAGE_FORMATS]
+        nodes: list[Node] = [VdiDir(uuid), InfoFile(uuid), RawImage(uuid), DeltasDir(uuid)]
+        nodes += [FullImage(uuid, fmt) for fmt in IMAGE_FORMATS]
         return nodes
