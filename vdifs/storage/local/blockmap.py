@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vdifs.model import BLOCK_SIZE, CHUNK_SIZE, CHUNKS_PER_BLOCK, Allocation, ceil_div
+from vdifs.storage.local.layout import pack_of
 
 ROW_BYTES = CHUNKS_PER_BLOCK * 8
 ZERO_ROW = bytes(ROW_BYTES)
@@ -61,7 +62,7 @@ class BlockMap:
         """The packs holding this map's chunks (what an open view pins against gc)."""
         ids = array("Q")
         ids.frombytes(self.ids)
-        return frozenset(i >> 32 for i in ids if i)
+        return frozenset(pack_of(i) for i in ids if i)
 
     @property
     def footprint(self) -> int:

@@ -129,3 +129,21 @@ def check_size(size: int) -> int:
     if size > MAX_VIRTUAL_SIZE:
         raise InvalidArgument(f"size {size} is above the SR limit of {MAX_VIRTUAL_SIZE} bytes")
     return ceil_div(size, SECTOR_SIZE) * SECTOR_SIZE
+
+
+# A chunk id is its location: ``pack << 32 | slot``, the chunk at byte
+# ``slot * CHUNK_SIZE`` of ``packs/<pack>.pack``; 0 is the zero chunk.
+SLOT_BITS = 32
+
+
+def make_chunk_id(pack: int, slot: int) -> int:
+    return pack << SLOT_BITS | slot
+
+
+def pack_of(chunk: int) -> int:
+    return chunk >> SLOT_BITS
+
+
+def slot_offset(chunk: int) -> int:
+    """Where a chunk's bytes start in its pack."""
+    return (chunk & ((1 << SLOT_BITS) - 1)) * CHUNK_SIZE

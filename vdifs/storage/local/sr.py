@@ -54,6 +54,9 @@ from vdifs.storage.local.layout import (
     STALE_PACK_SECONDS,
     ZERO_CHUNK,
     check_size,
+    make_chunk_id,
+    pack_of,
+    slot_offset,
 )
 from vdifs.storage.local.vms import Vms
 from vdifs.storage.local.writer import ChunkWriter
@@ -494,8 +497,8 @@ class LocalSR:
             else:
                 buf[:] = bytes(len(buf))
             return
-        pf = self._pack_file(chunk_id >> 32)
-        offset = (chunk_id & 0xFFFFFFFF) * CHUNK_SIZE + skip
+        pf = self._pack_file(pack_of(chunk_id))
+        offset = slot_offset(chunk_id) + skip
         if nowait:
             try:
                 got = os.preadv(pf.fd, [buf], offset, os.RWF_NOWAIT)
@@ -722,7 +725,7 @@ class LocalSR:
                     db.execute("UPDATE packs SET slots = -1 WHERE id = ?", (pack,))
                     db.execute(
                         "DELETE FROM chunks WHERE id >= ? AND id < ?",
-                        (pack << 32, (pack + 1) << 32),
+                        (make_chunk_id(pack, 0), make_chunk_id(pack + 1, 0)),
                     )
             freed = 0
             for pack in still_dead:
@@ -746,5 +749,5 @@ class LocalSR:
             " WHERE vdis.data_destroyed = 0"
         ):
             ids = array("Q", blob)
-            live.update(i >> 32 for i in ids if i)
+            live.update(pack_of(i) for i in ids if i)
         return {p for (p,) in self.db.execute("SELECT id FROM packs WHERE slots >= 0")} - live

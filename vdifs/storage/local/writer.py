@@ -25,6 +25,9 @@ from vdifs.storage.local.layout import (
     check_size,
     chunk_digest,
     is_zero_chunk,
+    make_chunk_id,
+    pack_of,
+    slot_offset,
 )
 
 if TYPE_CHECKING:
@@ -165,7 +168,7 @@ class ChunkWriter:
                     f"SELECT digest, id FROM chunks WHERE digest IN ({marks})", tuple(unknown)
                 )
             }
-            self._reused_packs.update(chunk_id >> 32 for chunk_id in stored.values())
+            self._reused_packs.update(pack_of(chunk) for chunk in stored.values())
             known.update(stored)
         ids: list[int] = []
         new: list[tuple[int, memoryview]] = []  # (slot id, data), slots in increasing order
@@ -186,7 +189,7 @@ class ChunkWriter:
             self._open_pack()
         pack, fd, slots = self._packs[-1]
         self._packs[-1] = (pack, fd, slots + 1)
-        return pack << 32 | slots
+        return make_chunk_id(pack, slots)
 
     def _write_slots(self, new: list[tuple[int, memoryview]]) -> None:
         """One pwritev per run of consecutive slots (a run ends where a pack does)."""
@@ -198,10 +201,11 @@ class ChunkWriter:
                 end += 1
             first = new[start][0]
             pieces = [piece for _id, piece in new[start:end]]
-            offset = (first & 0xFFFFFFFF) * CHUNK_SIZE
+            offset = slot_offset(first)
             try:
-                if self._direct is None or not self._direct.write(first >> 32, pieces, offset):
-                    os.pwritev(fds[first >> 32], pieces, offset)
+                pack = pack_of(first)
+                if self._direct is None or not self._direct.write(pack, pieces, offset):
+                    os.pwritev(fds[pack], pieces, offset)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise NoSpace("the SR's file system is full") from None
@@ -218,8 +222,8 @@ class ChunkWriter:
         if self._direct is not None:
             self._direct.flush()  # the chunk may still be queued in a buffer
         for pack, fd, _slots in self._packs:
-            if chunk_id >> 32 == pack:
-                return os.pread(fd, CHUNK_SIZE, (chunk_id & 0xFFFFFFFF) * CHUNK_SIZE)
+            if pack_of(chunk_id) == pack:
+                return os.pread(fd, CHUNK_SIZE, slot_offset(chunk_id))
         return self.sr.read_chunk(chunk_id)
 
     def commit(self) -> VdiRecord:
