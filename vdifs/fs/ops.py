@@ -39,12 +39,10 @@ from vdifs.fs.nodes import (
     Node,
     RawImage,
     SnapshotsDir,
-    SnapshotView,
     UploadFile,
-    VmSnapshotDir,
     VmSnapshotsDir,
 )
-from vdifs.fs.tree import Tree
+from vdifs.fs.tree import SnapshotFolder, Tree
 from vdifs.fs.window import Windows
 from vdifs.imports.directory import ImportDirectory
 from vdifs.imports.uploads import Upload
@@ -482,25 +480,12 @@ class VdifsOperations(pyfuse3.Operations):
     async def _rename_snapshot(
         self, parent_old: int, old: str, parent_new: int, new: str, flags: int
     ) -> None:
-        kind, owner = self._snapshot_owner(parent_old)
+        folder = self._snapshot_folder(parent_old)
         if parent_new != parent_old:
             raise pyfuse3.FUSEError(errno.EXDEV)
         if flags & RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        names = (
-            self.tree.vdi_snapshot_names(owner)
-            if kind == "vdi"
-            else self.tree.vm_snapshot_names(owner)
-        )
-        snap = names.get(old)
-        if snap is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if new in names or new == "current":
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        if kind == "vdi":
-            await trio.to_thread.run_sync(self.tree.sr.set_name, snap, new)
-        else:
-            await trio.to_thread.run_sync(self.tree.vm_model.set_name, snap, new)
+        await trio.to_thread.run_sync(self.tree.rename_snapshot, folder, old, new)
         await self._refresh()
 
     @_errors
@@ -510,56 +495,35 @@ class VdifsOperations(pyfuse3.Operations):
 
     # -- snapshots/ with -o snapshot_admin ---------------------------------------------
 
-    def _snapshot_owner(self, parent_inode: int) -> tuple[str, str]:
-        try:
-            owner = self.tree.snapshot_owner(self._node(parent_inode))
-        except NotFound:
+    def _snapshot_folder(self, parent_inode: int) -> SnapshotFolder:
+        node = self._node(parent_inode)
+        if not isinstance(node, SnapshotsDir | VmSnapshotsDir):
             # Directories are made only under snapshots/: nowhere else is writable.
-            raise pyfuse3.FUSEError(errno.EROFS if self.tree.read_only else errno.EACCES) from None
+            raise pyfuse3.FUSEError(errno.EROFS if self.tree.read_only else errno.EACCES)
         if self.tree.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         if not self.tree.snapshot_admin:
             # Off by default: an rm -rf on a backup host must not destroy anything.
             raise pyfuse3.FUSEError(errno.EPERM)
-        return owner
+        return node
 
     @_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        kind, owner = self._snapshot_owner(parent_inode)
-        text = os.fsdecode(name)
-        names = (
-            self.tree.vdi_snapshot_names(owner)
-            if kind == "vdi"
-            else self.tree.vm_snapshot_names(owner)
+        folder = self._snapshot_folder(parent_inode)
+        node = await trio.to_thread.run_sync(
+            self.tree.take_snapshot, folder, os.fsdecode(name), limiter=APPLIES
         )
-        if text in names or text == "current":
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        if kind == "vdi":
-            snap = await trio.to_thread.run_sync(self.tree.sr.snapshot, owner, text)
-            node: Node = SnapshotView(owner, snap.uuid)
-        else:
-            vm_snap = await trio.to_thread.run_sync(self.tree.vm_model.snapshot, owner, text)
-            node = VmSnapshotDir(owner, vm_snap.uuid)
         await self._refresh()
         return self._entry(node)
 
     @_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        kind, owner = self._snapshot_owner(parent_inode)
-        text = os.fsdecode(name)
-        if kind == "vdi":
-            snap = self.tree.vdi_snapshot_names(owner).get(text)
-            if snap is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            # Never the children: rmdir removes one point in time.
-            await trio.to_thread.run_sync(self.tree.sr.delete_snapshot, snap)
-        else:
-            snap = self.tree.vm_snapshot_names(owner).get(text)
-            if snap is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            await trio.to_thread.run_sync(self.tree.vm_model.delete_snapshot, snap)
+        folder = self._snapshot_folder(parent_inode)
+        snap = await trio.to_thread.run_sync(
+            self.tree.delete_snapshot, folder, os.fsdecode(name), limiter=APPLIES
+        )
         log.info("snapshot %s deleted through rmdir", snap)
         await self._refresh()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
-from vdifs.errors import NotFound, ReadOnly
+from vdifs.errors import AlreadyExists, NotFound, ReadOnly
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
 from vdifs.fs.nodes import (
     BY_NAME,
@@ -139,6 +139,9 @@ def _suffixes(uuid: str) -> Iterator[str]:
     yield f"~{uuid}"
     for n in itertools.count(2):
         yield f"~{uuid}~{n}"
+
+
+SnapshotFolder = SnapshotsDir | VmSnapshotsDir
 
 
 def _by_name(entry: tuple[str, Node]) -> str:
@@ -279,14 +282,50 @@ class Tree:
         snaps = [self.vms[u] for u in self.vm(vm).snapshots if u in self.vms]
         return display_names((s.name_label, s.uuid) for s in snaps)
 
-    def snapshot_owner(self, node: Node) -> tuple[str, str]:
-        """``("vdi"|"vm", uuid)`` for a snapshots/ directory; NotFound otherwise."""
-        match node:
+    # -- snapshots/ with -o snapshot_admin (blocking: call these off the loop) ----------
+
+    def snapshot_names(self, folder: SnapshotFolder) -> dict[str, str]:
+        match folder:
             case SnapshotsDir(vdi):
-                return "vdi", vdi
+                return self.vdi_snapshot_names(vdi)
             case VmSnapshotsDir(vm):
-                return "vm", vm
-        raise NotFound("not a snapshots directory")
+                return self.vm_snapshot_names(vm)
+
+    def _snapshot_named(self, folder: SnapshotFolder, name: str) -> str:
+        snap = self.snapshot_names(folder).get(name)
+        if snap is None:
+            raise NotFound(name)
+        return snap
+
+    def take_snapshot(self, folder: SnapshotFolder, name: str) -> Node:
+        """``mkdir snapshots/<name>``: a snapshot of the VDI, or of the VM with its disks."""
+        if name in self.snapshot_names(folder) or name == "current":
+            raise AlreadyExists(name)
+        match folder:
+            case SnapshotsDir(vdi):
+                return SnapshotView(vdi, self.sr.snapshot(vdi, name).uuid)
+            case VmSnapshotsDir(vm):
+                return VmSnapshotDir(vm, self.vm_model.snapshot(vm, name).uuid)
+
+    def delete_snapshot(self, folder: SnapshotFolder, name: str) -> str:
+        """``rmdir snapshots/<name>``: one point in time, never its children."""
+        snap = self._snapshot_named(folder, name)
+        match folder:
+            case SnapshotsDir():
+                self.sr.delete_snapshot(snap)
+            case VmSnapshotsDir():
+                self.vm_model.delete_snapshot(snap)
+        return snap
+
+    def rename_snapshot(self, folder: SnapshotFolder, old: str, new: str) -> None:
+        snap = self._snapshot_named(folder, old)
+        if new in self.snapshot_names(folder) or new == "current":
+            raise AlreadyExists(new)
+        match folder:
+            case SnapshotsDir():
+                self.sr.set_name(snap, new)
+            case VmSnapshotsDir():
+                self.vm_model.set_name(snap, new)
 
     # -- generated files ------------------------------------------------------------------
 
