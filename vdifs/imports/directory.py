@@ -1,13 +1,13 @@
 """``import/`` as the FUSE adapter sees it: one async call per request.
 
-An upload goes through these states (:class:`~vdifs.imports.uploads.Upload`
-keeps the flags, :class:`~vdifs.imports.uploads.Uploads` the names)::
+An upload goes through these states (:class:`~vdifs.imports.uploads.State`;
+:class:`~vdifs.imports.uploads.Uploads` keeps the names)::
 
-    receiving --(last close of a valid name, or rename onto one)--> applying
-    applying  --(the import commits)--> done: an empty stub for a minute
-              --(refused or failed)---> gone from import/, its record in .status/
-    receiving --(unlink)--> gone, nothing applied
-    done      --(opened for writing)--> receiving again, from zero bytes
+    RECEIVING --(last close of a valid name, or rename onto one)--> APPLYING
+    APPLYING  --(committed; last handle closed)--> DONE: an empty stub for a minute
+              --(refused or failed)-------------> FAILED: gone, its record in .status/
+    RECEIVING --(a write failed, or unlink)--> FAILED: nothing applied
+    DONE      --(opened for writing)--> RECEIVING again, from zero bytes
 
 This module owns what happens around those transitions on the event loop:
 each upload's write pipeline (writes answered once queued, stored behind the
@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from vdifs.imports.pipeline import WritePipeline
-from vdifs.imports.uploads import Upload, Uploads, apply_or_explain, still_open_by
+from vdifs.imports.uploads import State, Upload, Uploads, apply_or_explain, still_open_by
 from vdifs.limits import APPLIES, UPLOADS
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class ImportDirectory:
     async def flush(self, upload: Upload) -> None:
         """A close() of one descriptor: the last one of a complete upload applies it."""
         await self._settle(upload)
-        if upload.applied:
+        if upload.state is not State.RECEIVING:
             await self._outcome(upload)
         elif (
             upload.ready
@@ -122,7 +122,7 @@ class ImportDirectory:
         upload = self.uploads.get(name)
         with contextlib.suppress(Exception):
             await self._settle(upload)  # its queued writes go nowhere: only wait for them
-        upload.applied = True  # never apply what was deleted
+        upload.state = State.FAILED  # never apply what was deleted
         self.uploads.remove(upload)
 
     # -- applying --------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class ImportDirectory:
         """Apply off the loop; the import's error becomes this call's errno."""
         # Marked before the first await: a second flush of the same file (another
         # descriptor closed meanwhile) waits for this one in _outcome.
-        upload.applied = True
+        upload.state = State.APPLYING
         done = self._applying[id(upload)] = trio.Event()
         try:
             result = await trio.to_thread.run_sync(apply_or_explain, upload, limiter=APPLIES)

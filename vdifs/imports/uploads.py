@@ -34,6 +34,7 @@ VDI's ``raw.img`` to change part of a disk).
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import logging
 import os
@@ -104,6 +105,15 @@ def still_open_by(pid: int, name: str) -> bool:
     return False
 
 
+class State(enum.Enum):
+    """Where an upload is in its life (see vdifs.imports.directory)."""
+
+    RECEIVING = "receiving"  # bytes arriving; applied when its last writer closes it
+    APPLYING = "applying"  # an attempt was made (or is under way): never applied again
+    FAILED = "failed"  # refused, failed, abandoned or unlinked: leaves import/ at once
+    DONE = "done"  # applied and its data dropped: an empty stub until it expires
+
+
 @dataclass
 class Upload:
     sr: Backend
@@ -119,11 +129,10 @@ class Upload:
     start_written: bool = False  # byte 0 was written
     any_written: bool = False  # some bytes were written, not only a size set
     reopened: bool = False  # an applied name reopened without O_TRUNC: must write byte 0
-    applied: bool = False
+    state: State = State.RECEIVING
     writers: set[int] = field(default_factory=set)
     mtime_ns: int = field(default_factory=time.time_ns)
-    settled_ns: int | None = None  # applied and its data dropped
-    failed: bool = False  # refused or failed: nothing to keep a stub for
+    settled_ns: int = 0  # when it became DONE: the stub expires after SETTLED_SECONDS
     error: BaseException | None = None  # why, for every close() of the upload
     stream: ImageStream | None = None  # an image applied as it arrives
 
@@ -166,9 +175,9 @@ class Upload:
 
     def abandon(self, exc: BaseException) -> None:
         """A write could not be stored: nothing will be applied, and the records say why."""
-        if self.applied:
+        if self.state is not State.RECEIVING:
             return
-        self.applied = self.failed = True
+        self.state = State.FAILED
         self.error = exc
         stream = self.stream
         if stream is not None and stream.state == "failed":
@@ -186,7 +195,7 @@ class Upload:
         return os.pread(self.fd, length, offset) if length else b""
 
     def truncate(self, size: int) -> None:
-        if self.settled_ns is not None:
+        if self.state is State.DONE:
             raise Busy(f"{self.name} was applied: write a new file to import again")
         if size > MAX_UPLOAD_SIZE:
             raise TooLarge(f"an upload may not exceed {MAX_UPLOAD_SIZE} bytes")
@@ -201,12 +210,12 @@ class Upload:
     @property
     def ready(self) -> bool:
         """Validly named and holding data not yet applied."""
-        return self.request is not None and self.dirty and not self.applied
+        return self.request is not None and self.dirty and self.state is State.RECEIVING
 
     def apply(self) -> ImportResult:
         """Parse and apply (blocking).  Raises the import's VdifsError."""
         assert self.request is not None
-        self.applied = True
+        self.state = State.APPLYING
         request = self.request
         if self.reopened and not self.start_written:
             # An applied name opened again without O_TRUNC and written elsewhere than
@@ -287,7 +296,7 @@ class Uploads:
         existing = self.entries.get(name)
         if existing is None:
             return
-        if existing.settled_ns is None:
+        if existing.state is not State.DONE:
             raise Busy(f"{name} is already being uploaded")
         self.remove(existing)
 
@@ -315,21 +324,21 @@ class Uploads:
         """
         if upload.write_handles:
             raise Busy(f"{upload.name} is being written by another process")
-        if upload.settled_ns is None and upload.applied:
+        if upload.state is State.APPLYING:
             raise Busy(f"{upload.name} is being applied")
-        if upload.settled_ns is not None:
+        if upload.state is State.DONE:
             request = self._request(upload.name)
             lock = self._lock(request)
             upload.path, upload.fd = self.sr.scratch_file()
             upload.request, upload.lock = request, lock
-            upload.applied = upload.failed = upload.start_written = upload.any_written = False
+            upload.start_written = upload.any_written = False
             # With O_TRUNC (cp) a new upload, even if nothing is written (an empty
             # image is refused); without, nothing until written, and then from byte 0.
             upload.dirty = truncate
             upload.reopened = not truncate
             upload.error = None
             upload.size = 0
-            upload.settled_ns = None
+            upload.state = State.RECEIVING
             upload.writers = set()
             upload.start_stream()
         elif truncate:
@@ -342,18 +351,17 @@ class Uploads:
         upload.handles -= 1
         if writing:
             upload.write_handles -= 1
-        if upload.handles == 0 and (upload.applied or not upload.dirty):
+        if upload.handles == 0 and (upload.state is not State.RECEIVING or not upload.dirty):
             self.finish(upload)
 
     def visible(self) -> list[str]:
         """Names in import/ (stubs of applied uploads expire)."""
         now = time.time_ns()
         for upload in list(self.entries.values()):
-            settled = upload.settled_ns
             if (
-                settled is not None
+                upload.state is State.DONE
                 and upload.handles == 0
-                and now - settled > SETTLED_SECONDS * 1e9
+                and now - upload.settled_ns > SETTLED_SECONDS * 1e9
             ):
                 self.remove(upload)
         return sorted(self.entries)
@@ -366,7 +374,7 @@ class Uploads:
 
     def rename(self, old: str, new: str) -> Upload:
         upload = self.get(old)
-        if upload.settled_ns is not None:
+        if upload.state is not State.RECEIVING:
             raise Busy(f"{old} was already applied")
         self._take_name(new)
         request = self._request(new)
@@ -379,7 +387,6 @@ class Uploads:
         if upload.stream is not None:
             upload.stream.close()
             upload.stream = None  # renamed after the fact: parse the staged whole
-        upload.applied = False
         upload.dirty = upload.dirty or upload.size > 0
         del self.entries[old]
         self.entries[new] = upload
@@ -396,13 +403,14 @@ class Uploads:
         The stub keeps the name and size visible for a while, so that tools
         that stat, chmod or utime the file after closing it (rsync) succeed.
         """
-        if upload.handles == 0 and upload.settled_ns is None:
-            if upload.failed:
+        if upload.handles == 0 and upload.state is not State.DONE:
+            if upload.state is State.FAILED:
                 self.remove(upload)  # the same copy can be tried again at once
                 return
             # Applied, or a stub opened for writing and closed unwritten: a stub again.
             upload.discard()
             upload.size = 0
+            upload.state = State.DONE
             upload.settled_ns = time.time_ns()
 
     def close_all(self) -> None:
@@ -411,10 +419,10 @@ class Uploads:
 
 
 def apply_or_explain(upload: Upload) -> ImportResult:
-    """Apply, unless the writer was killed mid-way; always leaves ``upload.applied``."""
+    """Apply, unless the writer was killed mid-way; leaves the upload APPLYING or FAILED."""
     killed = [pid for pid in upload.writers if writer_was_killed(pid)]
     if killed:
-        upload.applied = upload.failed = True
+        upload.state = State.FAILED
         record_interrupted(upload.sr, upload.name, upload.request, upload.size)
         upload.error = InvalidArgument(
             f"{upload.name}: the writer (pid {killed[0]}) was killed; not applied"
@@ -423,6 +431,6 @@ def apply_or_explain(upload: Upload) -> ImportResult:
     try:
         return upload.apply()
     except BaseException as exc:
-        upload.failed = True
+        upload.state = State.FAILED
         upload.error = exc
         raise
