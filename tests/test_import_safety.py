@@ -14,12 +14,15 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cli, Mount, fill, needs_fuse, needs_tool, sha, wait_for
 from tests.test_xo_oracle import xo_restore
+from vdifs.imports.uploads import State, Uploads
+from vdifs.storage.local import LocalSR
 
 pytestmark = [needs_fuse, needs_tool("qemu-img")]
 
@@ -335,3 +338,92 @@ def test_resize_and_a_chain_across_it(cli: Cli, mnt: Mount, tmp_path: Path) -> N
         assert sh(f"cp {backup / f'{s2}.{fmt}'} {mnt.path}/import/{uuid}.{fmt}").returncode == 0
         assert sha(restored / "raw.img") == sha(mnt.vdi(s2) / "raw.img")
         assert "grew" in str(status(mnt, f"{uuid}.{fmt}")["notes"])
+
+
+def test_a_streamed_upload_cannot_be_renamed_under_its_writer(
+    mnt: Mount, disk: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    """Its blocks went to the import as they arrived: a rename would apply holes."""
+    uuid, raw, src = disk
+    image = tmp_path / "x.vhd"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", str(src),
+         str(image)],
+        check=True,
+    )  # fmt: skip
+    fill(raw, 0, bytes(MiB))
+    other = cli_vdi(mnt, raw)
+    name = mnt.path / "import" / f"{uuid}.vhd"
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, image.read_bytes())
+        with pytest.raises(OSError) as exc:
+            os.rename(name, mnt.path / "import" / f"{other}.vhd")
+        assert exc.value.errno == errno.EBUSY
+    finally:
+        os.close(fd)
+    assert sha(raw) == sha(src)
+
+
+def cli_vdi(mnt: Mount, like: Path) -> str:
+    """Another VDI of the same size (a rename target)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vdifs", "--sr", str(mnt.sr), "vdi", "create", "other",
+         "--size", str(like.stat().st_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    uuid = result.stdout.strip()
+    assert wait_for(lambda: mnt.vdi(uuid).exists(), 3)
+    return uuid
+
+
+def test_a_source_named_like_the_upload_does_not_stop_the_import(
+    mnt: Mount, disk: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    """cp ~/import/<uuid>.raw <mnt>/import/<uuid>.raw closes its source last."""
+    uuid, raw, _src = disk
+    folder = tmp_path / "import"
+    folder.mkdir()
+    source = folder / f"{uuid}.raw"
+    source.write_bytes(os.urandom(SIZE))
+    assert sh(f"cp {source} {mnt.path}/import/{uuid}.raw").returncode == 0
+    assert sha(raw) == sha(source)
+    assert sh(f"cp {source} {mnt.path}/import/{uuid}.raw").returncode == 0  # not left locked
+
+
+def test_a_temporary_file_truncated_to_nothing_carries_nothing(
+    mnt: Mount, disk: tuple[str, Path, Path]
+) -> None:
+    uuid, raw, src = disk
+    temp = mnt.path / "import" / ".upload.part"
+    assert sh(f"echo x > {temp} && truncate -s 0 {temp} && truncate -s 64M {temp}").returncode == 0
+    with pytest.raises(OSError) as exc:
+        os.rename(temp, mnt.path / "import" / f"{uuid}.raw")
+    assert exc.value.errno == errno.EINVAL
+    assert sha(raw) == sha(src)
+
+
+def test_a_failed_upload_a_reader_still_holds_gives_way_to_a_new_copy(sr: LocalSR) -> None:
+    """In process: a write that failed leaves the upload FAILED while a reader holds it."""
+    uuid = sr.create_vdi("t", MiB).uuid
+    uploads = Uploads(sr)
+    upload = uploads.create(f"{uuid}.raw", os.getpid())
+    upload.handles = 2  # the writer and a reader
+    upload.abandon(OSError(errno.ENOSPC, "the disk filled up"))
+    assert upload.state is State.FAILED
+    uploads.release(upload, writing=True)  # the writer goes; the reader stays
+    assert f"{uuid}.raw" in uploads.entries
+    uploads.open_for_writing(upload, os.getpid(), truncate=True)  # a new cp
+    assert upload.state is State.RECEIVING and upload.error is None and upload.size == 0
+    data = os.urandom(MiB)
+    upload.accept(0, len(data))
+    upload.store(0, data)
+    upload.apply()
+    _record, content = sr.state(uuid)
+    buf = bytearray(MiB)
+    sr.read_into(content, 0, memoryview(buf))
+    assert bytes(buf) == data
+    upload.handles = 0
+    uploads.close_all()

@@ -138,7 +138,12 @@ def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None
 def serve(backend: Backend, mountpoint: Path, options: set[str]) -> None:
     """Mount any backend and serve until unmounted or signalled."""
     faulthandler.register(signal.SIGUSR1)
-    tree = Tree(backend, read_only="ro" in options, snapshot_admin="snapshot_admin" in options)
+    tree = Tree(
+        backend,
+        read_only="ro" in options,
+        snapshot_admin="snapshot_admin" in options,
+        mountpoint=os.path.realpath(mountpoint),
+    )
     ops = VdifsOperations(tree, direct_io_images="direct_io" in options)
     pyfuse3.init(ops, str(mountpoint), set(BASE_OPTIONS | (options - VDIFS_OPTIONS)))
     log.info("serving %s on %s", backend.description, mountpoint)

@@ -160,7 +160,12 @@ class Tree:
     EXPORT_CACHE = 8192  # an export holds a layout (small) over a cached state
 
     def __init__(
-        self, sr: Backend, *, read_only: bool = False, snapshot_admin: bool = False
+        self,
+        sr: Backend,
+        *,
+        read_only: bool = False,
+        snapshot_admin: bool = False,
+        mountpoint: str | None = None,
     ) -> None:
         self.sr = sr
         self.read_only = read_only
@@ -178,7 +183,7 @@ class Tree:
         # Attributes of files, valid while the records they derive from are equal
         # (ls -lR: a layout and an info.json are built once per state, not per stat).
         self._file_attrs: dict[Node, tuple[tuple[VdiRecord, ...], Attr]] = {}
-        self.uploads = Uploads(sr, read_only)
+        self.uploads = Uploads(sr, read_only, mountpoint)
         self.refresh(force=True)
 
     # -- refreshing from the SR ---------------------------------------------------

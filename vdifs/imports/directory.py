@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from vdifs.errors import Busy
 from vdifs.imports.pipeline import WritePipeline
 from vdifs.imports.uploads import State, Upload, Uploads, apply_or_explain, still_open_by
 from vdifs.limits import APPLIES, UPLOADS
@@ -67,11 +68,18 @@ class ImportDirectory:
         elif (
             upload.ready
             and upload.handles == 1
-            and not any(still_open_by(pid, upload.name) for pid in upload.writers)
+            and not any(
+                still_open_by(pid, upload.name, self.uploads.mountpoint) for pid in upload.writers
+            )
         ):
             await self._apply(upload)
 
     async def release(self, upload: Upload, *, writing: bool) -> None:
+        if upload.handles == 1 and upload.ready:
+            # Its last flush thought another descriptor still open: never leave a
+            # complete upload unapplied and its target locked (the status says why).
+            with contextlib.suppress(Exception):
+                await self._apply(upload)
         self.uploads.release(upload, writing=writing)
         if upload.handles == 0:
             pipeline = self._pipelines.pop(id(upload), None)
@@ -120,6 +128,8 @@ class ImportDirectory:
 
     async def unlink(self, name: str) -> None:
         upload = self.uploads.get(name)
+        if id(upload) in self._applying:
+            raise Busy(f"{name} is being applied")  # its staged data is being read
         with contextlib.suppress(Exception):
             await self._settle(upload)  # its queued writes go nowhere: only wait for them
         upload.state = State.FAILED  # never apply what was deleted

@@ -312,6 +312,7 @@ class ImportJob:
                 )
             if image_size == 0:
                 raise InvalidArgument(f"{name} is empty: nothing to create a VDI from")
+            self._check_written(image_size)
             writer = sr.writer(
                 None, replace=True, new_vdi=(self.new_name or name, image_size), bulk=True
             )
@@ -321,6 +322,7 @@ class ImportJob:
             if record.is_a_snapshot:
                 raise ReadOnly(f"VDI {target} is a snapshot: it cannot be imported into")
             grow_to = self._check_size(parsed, image_size, record)
+            self._check_written(image_size)
             if is_delta and not self.force:
                 assert parsed is not None
                 check_base(sr, record, target_map, parsed, name)
@@ -331,17 +333,19 @@ class ImportJob:
             if grow_to is not None:
                 writer.grow(grow_to)
             base_map = None if replace else target_map
-        if not self.data_written and image_size:
-            # A size alone (truncate, or cp of an image that is all holes) would
-            # zero the disk: refused rather than guessed at.
-            raise InvalidArgument(
-                f"nothing was written into {name}, only its size was set (a truncate?):"
-                " an upload carries the image's bytes"
-            )
         writer.import_identity = parsed.identity if parsed is not None else None
         writer.import_name = PurePosixPath(name).name
         self.writer = writer
         self._applier = Applier(sr, writer, base_map)
+
+    def _check_written(self, image_size: int) -> None:
+        if not self.data_written and image_size:
+            # A size alone (truncate, or cp of an image that is all holes) would
+            # zero the disk: refused rather than guessed at.
+            raise InvalidArgument(
+                f"nothing was written into {self.name}, only its size was set (a truncate?):"
+                " an upload carries the image's bytes"
+            )
 
     def _check_size(
         self, parsed: ParsedImage | None, image_size: int, record: VdiRecord

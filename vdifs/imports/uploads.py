@@ -82,15 +82,17 @@ def writer_was_killed(pid: int) -> bool:
     return bool(flags & PF_EXITING) and (exit_code & 0x7F) != 0
 
 
-def still_open_by(pid: int, name: str) -> bool:
+def still_open_by(pid: int, name: str, mountpoint: str | None = None) -> bool:
     """Whether a process holds another descriptor of ``import/<name>``.
 
     ``close()`` of one of several descriptors of a file (dd dup2()s its
     output onto stdout and closes the original) also sends a FUSE flush: it
     must not start the import.  procfs lists the descriptors left; readlink
     is answered by procfs, never by this filesystem, so this cannot deadlock.
+    With the mountpoint known, only that very path counts: ``cp
+    ~/import/disk.raw <mnt>/import/disk.raw`` still holds its source open.
     """
-    suffix = f"/import/{name}"
+    suffix = f"{mountpoint or ''}/import/{name}"
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except (FileNotFoundError, PermissionError):
@@ -100,7 +102,8 @@ def still_open_by(pid: int, name: str) -> bool:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if target.removesuffix(" (deleted)").endswith(suffix):
+        target = target.removesuffix(" (deleted)")
+        if target == suffix if mountpoint else target.endswith(suffix):
             return True
     return False
 
@@ -197,6 +200,8 @@ class Upload:
     def truncate(self, size: int) -> None:
         if self.state is State.DONE:
             raise Busy(f"{self.name} was applied: write a new file to import again")
+        if self.state is not State.RECEIVING:
+            raise Busy(f"{self.name} is being applied, or failed")
         if size > MAX_UPLOAD_SIZE:
             raise TooLarge(f"an upload may not exceed {MAX_UPLOAD_SIZE} bytes")
         if self.stream is not None:
@@ -204,6 +209,7 @@ class Upload:
         os.ftruncate(self.fd, size)
         self.size = size
         self.start_written = self.start_written and size > 0
+        self.any_written = self.any_written and size > 0
         self.dirty = True
         self.mtime_ns = time.time_ns()
 
@@ -263,9 +269,10 @@ class Upload:
 class Uploads:
     """The ``import/`` directory's live entries."""
 
-    def __init__(self, sr: Backend, read_only: bool = False) -> None:
+    def __init__(self, sr: Backend, read_only: bool = False, mountpoint: str | None = None) -> None:
         self.sr = sr
         self.read_only = read_only
+        self.mountpoint = mountpoint  # where import/ is, to tell its files from namesakes
         self.entries: dict[str, Upload] = {}
 
     def _request(self, name: str) -> ImportName | None:
@@ -291,6 +298,16 @@ class Uploads:
         key = request.target if request.target is not None else f"new-{request.new_name}"
         return self.sr.import_lock(key)
 
+    def _staging(self, request: ImportName | None) -> tuple[Path, int, Pin | None]:
+        """A scratch file and the target's import lock, both or neither."""
+        path, fd = self.sr.scratch_file()
+        try:
+            return path, fd, self._lock(request)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+
     def _take_name(self, name: str) -> None:
         """Free a name for a new upload: a settled stub gives way, a live one does not."""
         existing = self.entries.get(name)
@@ -305,8 +322,7 @@ class Uploads:
             raise ReadOnly("the mount is read-only")
         self._take_name(name)
         request = self._request(name)
-        lock = self._lock(request)
-        path, fd = self.sr.scratch_file()
+        path, fd, lock = self._staging(request)
         # A created file is an attempt even if nothing is written: an empty
         # image is refused, never silently ignored.
         upload = Upload(self.sr, name, path, fd, request, lock, dirty=True, write_handles=1)
@@ -326,11 +342,11 @@ class Uploads:
             raise Busy(f"{upload.name} is being written by another process")
         if upload.state is State.APPLYING:
             raise Busy(f"{upload.name} is being applied")
-        if upload.state is State.DONE:
+        if upload.state in (State.DONE, State.FAILED):
             request = self._request(upload.name)
-            lock = self._lock(request)
-            upload.path, upload.fd = self.sr.scratch_file()
-            upload.request, upload.lock = request, lock
+            upload.discard()  # a failed upload a reader still holds: its data goes now
+            upload.path, upload.fd, upload.lock = self._staging(request)
+            upload.request = request
             upload.start_written = upload.any_written = False
             # With O_TRUNC (cp) a new upload, even if nothing is written (an empty
             # image is refused); without, nothing until written, and then from byte 0.
@@ -376,6 +392,9 @@ class Uploads:
         upload = self.get(old)
         if upload.state is not State.RECEIVING:
             raise Busy(f"{old} was already applied")
+        if upload.stream is not None and upload.stream.applied_any:
+            # Its data went to the import as it arrived, not to the staging file.
+            raise Busy(f"{old} is being applied as it arrives: rename it before writing it")
         self._take_name(new)
         request = self._request(new)
         lock = self._lock(request)
