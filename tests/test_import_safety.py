@@ -40,6 +40,14 @@ def sh(command: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def qemu_convert(raw: Path, out: Path, fmt: str, options: str | None = None) -> None:
+    """qemu-img convert of a raw file (the peer that makes the images under test)."""
+    opts = ["-o", options] if options else []
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", fmt, *opts, str(raw), str(out)], check=True
+    )
+
+
 def status(mnt: Mount, name: str) -> dict[str, object]:
     data: dict[str, object] = json.loads(
         (mnt.path / "import" / ".status" / f"{name}.json").read_text()
@@ -108,11 +116,7 @@ def test_touch_after_an_import_locks_nothing(
     uuid, raw, src = disk
     name = mnt.path / "import" / f"{uuid}.vhd"
     image = tmp_path / "x.vhd"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", str(src),
-         str(image)],
-        check=True,
-    )  # fmt: skip
+    qemu_convert(src, image, "vpc", "force_size=on")
     assert sh(f"cp {image} {name}").returncode == 0
     assert sh(f"touch {name}").returncode == 0  # opened for writing, closed unwritten
     assert sha(raw) == sha(src)
@@ -176,11 +180,7 @@ def test_qemu_img_default_vhd_restores_into_a_disk_of_the_same_size(
     fill(raw, 0, bytes(MiB))  # something the import must restore
     for subformat in ("dynamic", "fixed"):
         image = tmp_path / f"chs-{subformat}.vhd"
-        subprocess.run(
-            ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", f"subformat={subformat}",
-             str(src), str(image)],
-            check=True,
-        )  # fmt: skip
+        qemu_convert(src, image, "vpc", f"subformat={subformat}")
         info = json.loads(
             subprocess.run(
                 ["qemu-img", "info", "--output=json", str(image)],
@@ -214,19 +214,11 @@ def test_cp_and_rsync_agree_on_a_fixed_vhd_holding_a_vhd(
     """qemu reads such a file as the inner VHD, the specification as the outer one."""
     uuid, raw, src = disk
     inner = tmp_path / "inner.vhd"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", str(src),
-         str(inner)],
-        check=True,
-    )  # fmt: skip
+    qemu_convert(src, inner, "vpc", "force_size=on")
     lv = tmp_path / "lv.raw"
     lv.write_bytes(inner.read_bytes().ljust(SIZE + 8 * MiB, b"\0"))  # an LV holding a VHD
     outer = tmp_path / "outer.vhd"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on",
-         str(lv), str(outer)],
-        check=True,
-    )  # fmt: skip
+    qemu_convert(lv, outer, "vpc", "subformat=fixed,force_size=on")
     fill(raw, 0, bytes(MiB))
     before = sha(raw)
     for command in ("cp", "rsync", "rsync --inplace"):
@@ -242,9 +234,7 @@ def test_a_file_valid_as_two_formats_is_refused(
 ) -> None:
     uuid, raw, src = disk
     qcow2 = tmp_path / "x.qcow2"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src), str(qcow2)], check=True
-    )
+    qemu_convert(src, qcow2, "qcow2")
     data = qcow2.read_bytes()
     data += bytes(-len(data) % 512)
     footer = tmp_path / "footer.vhd"
@@ -346,11 +336,7 @@ def test_a_streamed_upload_cannot_be_renamed_under_its_writer(
     """Its blocks went to the import as they arrived: a rename would apply holes."""
     uuid, raw, src = disk
     image = tmp_path / "x.vhd"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "force_size=on", str(src),
-         str(image)],
-        check=True,
-    )  # fmt: skip
+    qemu_convert(src, image, "vpc", "force_size=on")
     fill(raw, 0, bytes(MiB))
     other = cli_vdi(mnt, raw)
     name = mnt.path / "import" / f"{uuid}.vhd"
