@@ -286,3 +286,17 @@ def test_a_chunk_stored_early_is_read_back_whole(sr: LocalSR, direct: bool) -> N
         block_map = sr.state(record.uuid)[1]
         assert sr.read(block_map, CHUNK_SIZE, CHUNK_SIZE) == head + tail
         head, tail = tail, head
+
+
+def test_growing_zeroes_what_the_old_last_chunk_held_past_the_end(sr: LocalSR) -> None:
+    """Bytes past a disk's end are never data; once the disk grows they must read as zeros."""
+    size = CHUNK_SIZE + 512
+    record = sr.create_vdi("odd", size)
+    with sr.writer(record.uuid) as writer:
+        writer.write_chunk(1, os.urandom(CHUNK_SIZE))  # a whole chunk: 63.5 KiB past the end
+        writer.commit()
+    before = sr.read(sr.state(record.uuid)[1], CHUNK_SIZE, 512)
+    grown = sr.resize(record.uuid, 4 * CHUNK_SIZE)
+    content = sr.state(grown.uuid)[1]
+    assert sr.read(content, CHUNK_SIZE, 512) == before
+    assert sr.read(content, CHUNK_SIZE + 512, 3 * CHUNK_SIZE - 512) == bytes(3 * CHUNK_SIZE - 512)

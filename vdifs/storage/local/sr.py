@@ -441,14 +441,6 @@ class LocalSR:
             return record
         with ChunkWriter(self, uuid, replace=False) as writer:
             writer.expect_generation = record.generation
-            tail = record.virtual_size % CHUNK_SIZE
-            chunk_id = self.block_map(record).chunk_id(record.virtual_size // CHUNK_SIZE)
-            if tail and chunk_id:
-                # Bytes past the old end become part of the disk: they must read as zeros.
-                data = bytearray(self.read_chunk(chunk_id))
-                if data[tail:] != bytes(CHUNK_SIZE - tail):
-                    data[tail:] = bytes(CHUNK_SIZE - tail)
-                    writer.write_chunk(record.virtual_size // CHUNK_SIZE, data)
             writer.grow(size)
             return writer.commit()
 

@@ -113,13 +113,22 @@ class ChunkWriter:
     def grow(self, size: int) -> None:
         """Make the disk ``size`` bytes long at commit (XAPI's VDI.resize: grow only).
 
-        The new bytes read as zeros unless this writer writes them.
+        The new bytes read as zeros unless this writer writes them: the rest of
+        the chunk that held the old end is zeroed, whatever it stored past it.
         """
         size = check_size(size)
-        if size < self.virtual_size:
-            raise InvalidArgument(
-                f"VDI {self.uuid} has {self.virtual_size} bytes: a disk can only grow"
-            )
+        old = self.virtual_size
+        if size < old:
+            raise InvalidArgument(f"VDI {self.uuid} has {old} bytes: a disk can only grow")
+        tail = old % CHUNK_SIZE
+        if size > old and tail and self.new_vdi is None:
+            chunk = old // CHUNK_SIZE
+            current = self.staged_chunk(chunk)
+            if current is None:
+                stored = self.sr.block_map(self.sr.get_vdi(self.uuid)).chunk_id(chunk)
+                current = self.sr.read_chunk(stored) if stored else None
+            if current is not None and current[tail:] != bytes(CHUNK_SIZE - tail):
+                self.write_chunk(chunk, bytes(current[:tail]))
         self.virtual_size = size
 
     def write_chunk(self, chunk: int, data: bytes | bytearray | memoryview) -> None:
