@@ -32,7 +32,7 @@ from vdifs.model import (
     check_name,
     utc_iso,
 )
-from vdifs.storage.backend import Capabilities
+from vdifs.storage.backend import Capabilities, deletion_order
 
 ZERO = bytes(CHUNK_SIZE)
 
@@ -451,9 +451,8 @@ class MemoryBackend:
         with self.lock:
             if not self.get_vdi(uuid).is_a_snapshot:
                 raise InvalidArgument(f"{uuid} is not a snapshot (use vdifs vdi destroy)")
-            doomed = self.descendants(uuid) if (children or only_children) else []
-            if not only_children:
-                doomed.append(uuid)
+            below = self.descendants(uuid) if children or only_children else []
+            doomed = deletion_order(uuid, below, children=children, only_children=only_children)
             for victim in doomed:
                 self.destroy(victim)
             return doomed

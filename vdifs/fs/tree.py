@@ -498,7 +498,7 @@ class Tree:
         match node:
             case Root() | VdisDir() | VmsDir() | ByNameDir() | ImportDir() | StatusDir():
                 return True
-            case StatusFile():
+            case StatusFile():  # a vanished outcome reads as ENOENT when generated
                 return True
             case NameLink(name):
                 return name in self.names

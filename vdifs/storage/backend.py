@@ -300,3 +300,15 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def deletion_order(
+    uuid: str, descendants: list[str], *, children: bool, only_children: bool
+) -> list[str]:
+    """What ``delete_snapshot`` removes, in a safe order: the snapshot alone (default),
+    its subtree (``children``, libvirt's ``--children``) or only its subtree
+    (``only_children``); ``descendants`` come deepest first."""
+    doomed = list(descendants) if (children or only_children) else []
+    if not only_children:
+        doomed.append(uuid)
+    return doomed

@@ -32,6 +32,7 @@ import time
 import uuid as uuidlib
 from array import array
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from vdifs.errors import (
     StorageError,
 )
 from vdifs.model import CHUNK_SIZE, VdiRecord, check_name, utc_iso
-from vdifs.storage.backend import Capabilities, ContentMap, WouldBlock
+from vdifs.storage.backend import Capabilities, ContentMap, WouldBlock, deletion_order
 from vdifs.storage.local.blockmap import BlockMap
 from vdifs.storage.local.importlog import LocalImportLog
 from vdifs.storage.local.layout import (
@@ -200,47 +201,37 @@ class LocalSR:
 
     # -- records -------------------------------------------------------------
 
-    _COLUMNS = (
-        "0, uuid, name_label, name_description, virtual_size, is_a_snapshot, snapshot_of,"
-        " snapshot_time, lineage, created, changed_ns, generation, allocated_chunks,"
-        " parent, current, data_destroyed"
-    )
+    # The vdis columns a VdiRecord is made of, named as its fields.
+    _FIELDS = (
+        "uuid", "name_label", "name_description", "virtual_size", "is_a_snapshot",
+        "snapshot_of", "snapshot_time", "lineage", "created", "changed_ns", "generation",
+        "allocated_chunks", "parent", "current", "data_destroyed",
+    )  # fmt: skip
+    _COLUMNS = ", ".join(_FIELDS)
 
     def _record(
         self, row: tuple[Any, ...], snapshots: tuple[str, ...], children: tuple[str, ...] = ()
     ) -> VdiRecord:
-        return VdiRecord(
-            uuid=row[1],
-            name_label=row[2],
-            name_description=row[3],
-            virtual_size=row[4],
-            is_a_snapshot=bool(row[5]),
-            snapshot_of=row[6],
-            snapshot_time=row[7],
-            lineage=row[8],
-            created=row[9],
-            changed_ns=row[10],
-            generation=row[11],
-            allocated_chunks=row[12],
-            parent=row[13],
-            current=row[14],
-            data_destroyed=bool(row[15]),
-            snapshots=snapshots,
-            children=children,
-        )
+        fields = dict(zip(self._FIELDS, row, strict=True))
+        fields["is_a_snapshot"] = bool(fields["is_a_snapshot"])
+        fields["data_destroyed"] = bool(fields["data_destroyed"])
+        return VdiRecord(**fields, snapshots=snapshots, children=children)
 
     def list_vdis(self) -> list[VdiRecord]:
-        db = self.db
-        rows = db.execute(f"SELECT {self._COLUMNS} FROM vdis ORDER BY created, uuid").fetchall()
+        rows = self.db.execute(f"SELECT {self._COLUMNS} FROM vdis ORDER BY created, uuid")
+        records = [self._record(row, ()) for row in rows]
         snaps: dict[str, list[str]] = {}
         children: dict[str, list[str]] = {}
-        for row in rows:
-            if row[6]:
-                snaps.setdefault(row[6], []).append(row[1])
-            if row[13]:
-                children.setdefault(row[13], []).append(row[1])
+        for r in records:
+            if r.snapshot_of:
+                snaps.setdefault(r.snapshot_of, []).append(r.uuid)
+            if r.parent:
+                children.setdefault(r.parent, []).append(r.uuid)
         return [
-            self._record(r, tuple(snaps.get(r[1], ())), tuple(children.get(r[1], ()))) for r in rows
+            replace(
+                r, snapshots=tuple(snaps.get(r.uuid, ())), children=tuple(children.get(r.uuid, ()))
+            )
+            for r in records
         ]
 
     def get_vdi(self, uuid: str) -> VdiRecord:
@@ -398,9 +389,8 @@ class LocalSR:
             record = self.get_vdi(uuid)
             if not record.is_a_snapshot:
                 raise InvalidArgument(f"{uuid} is not a snapshot (use vdifs vdi destroy)")
-            doomed = self.descendants(uuid) if (children or only_children) else []
-            if not only_children:
-                doomed.append(uuid)
+            below = self.descendants(uuid) if children or only_children else []
+            doomed = deletion_order(uuid, below, children=children, only_children=only_children)
             for victim in doomed:
                 self.destroy(victim)
         return doomed

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from vdifs.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 from vdifs.model import VmRecord, check_name, utc_iso
+from vdifs.storage.backend import deletion_order
 
 if TYPE_CHECKING:
     from vdifs.storage.local.sr import LocalSR
@@ -242,9 +243,8 @@ class Vms:
             snap = self.get(snapshot)
             if not snap.is_a_snapshot:
                 raise InvalidArgument(f"{snapshot} is a VM, not a VM snapshot")
-            doomed = self.sr.descendants(snapshot, "vms") if (children or only_children) else []
-            if not only_children:
-                doomed.append(snapshot)
+            below = self.sr.descendants(snapshot, "vms") if children or only_children else []
+            doomed = deletion_order(snapshot, below, children=children, only_children=only_children)
             for victim_uuid in doomed:
                 victim = self.get(victim_uuid)
                 db.execute(
