@@ -101,6 +101,22 @@ class StorageError(VdifsError):
     meaning = "the SR is damaged (a missing block object)"
 
 
+class PoolError(VdifsError):
+    """A pool (XAPI) failed a request or could not be reached."""
+
+    errno = errno.EIO
+    exit_code = 12
+    meaning = "the pool failed a request or could not be reached (the message says which)"
+
+
+class AccessDenied(VdifsError):
+    """A wrong password, or a certificate that does not verify."""
+
+    errno = errno.EACCES
+    exit_code = 13
+    meaning = "access denied (a wrong password, or a certificate that does not verify)"
+
+
 def exit_statuses() -> list[tuple[int, int, str]]:
     """``(exit status, errno, meaning)`` of every error class, by exit status: the one table
     behind ``vdifs --help``, docs/errors.md and the soak's expectations."""

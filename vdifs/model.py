@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import functools
+import json
 import time
 import uuid as uuidlib
 from array import array
@@ -120,6 +121,8 @@ class VdiRecord:
     data_destroyed: bool = False
     snapshots: tuple[str, ...] = ()
     children: tuple[str, ...] = ()
+    extra: str = ""
+    """A backend's own fields for info.json, as a JSON object (a pool's XAPI fields)."""
 
     @property
     def read_only(self) -> bool:
@@ -160,7 +163,7 @@ class VdiRecord:
             "last_changed": utc_iso(self.changed_ns),
             "generation": self.generation,
             "content_id": str(self.state_uuid),
-        }
+        } | (json.loads(self.extra) if self.extra else {})
 
 
 _STATE_NAMESPACE = uuidlib.UUID("6d0c7c5e-3c55-4d0b-9a57-7664696673ff")

@@ -455,6 +455,24 @@ def streamed_size(head: bytes | bytearray) -> int:
     A streaming importer parses with this presumed size before the end has
     arrived, and checks at the end that the real footer matches the copy.
     """
+    header, entries = _head_table(head)
+    used = [e for e in entries if e != c_vhd.BAT_UNUSED]
+    last_end = header.table_offset + len(entries) * c_vhd.BAT_ENTRY.size
+    if used:
+        span = c_vhd.bitmap_size(header.block_size) + header.block_size
+        last_end = max(last_end, max(used) * SECTOR_SIZE + span)
+    return c_vhd.round_up_to_sector(last_end) + c_vhd.FOOTER_SIZE
+
+
+def allocated_blocks(head: bytes | bytearray) -> tuple[int, list[int]]:
+    """``(block size, indexes of the blocks the BAT allocates)`` from a VHD's head
+    (as much as :func:`metadata_length` asks for): how much a pool's disk holds,
+    read from the head of XAPI's VHD export."""
+    header, entries = _head_table(head)
+    return header.block_size, [i for i, e in enumerate(entries) if e != c_vhd.BAT_UNUSED]
+
+
+def _head_table(head: bytes | bytearray) -> tuple[_Header, array[int]]:
     footer = _Footer.parse(bytes(head[: c_vhd.FOOTER_SIZE]))
     header = _Header.parse(bytes(head[footer.data_offset : footer.data_offset + c_vhd.HEADER_SIZE]))
     entries = array(BAT_ARRAY_TYPE)
@@ -462,9 +480,4 @@ def streamed_size(head: bytes | bytearray) -> int:
     entries.frombytes(bytes(head[header.table_offset : header.table_offset + bat_size]))
     if sys.byteorder != "big":
         entries.byteswap()
-    used = [e for e in entries if e != c_vhd.BAT_UNUSED]
-    last_end = header.table_offset + bat_size
-    if used:
-        span = c_vhd.bitmap_size(header.block_size) + header.block_size
-        last_end = max(last_end, max(used) * SECTOR_SIZE + span)
-    return c_vhd.round_up_to_sector(last_end) + c_vhd.FOOTER_SIZE
+    return header, entries

@@ -175,6 +175,11 @@ class VdifsOperations(pyfuse3.Operations):
         entry.st_ctime_ns = attr.mtime_ns
         return entry
 
+    async def _warm(self, nodes: list[Node]) -> None:
+        """Have a remote backend fetch the maps these nodes' attributes need, off the loop."""
+        if self.tree.sr.capabilities.remote and any(map(self.tree.needs_warming, nodes)):
+            await trio.to_thread.run_sync(self.tree.warm_all, nodes, limiter=READS)
+
     # -- lookups and attributes --------------------------------------------------
 
     @_errors
@@ -185,12 +190,15 @@ class VdifsOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text == ".":
             return self._entry(parent)
-        return self._entry(self.tree.lookup(parent, text))
+        node = self.tree.lookup(parent, text)
+        await self._warm([node])
+        return self._entry(node)
 
     @_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         try:
+            await self._warm([node])
             return self._entry(node)
         except NotFound:
             # Deleted while open: the handle keeps reading the state it pinned.
@@ -283,6 +291,7 @@ class VdifsOperations(pyfuse3.Operations):
             entries[:] = sorted(
                 (self._inode(child), name, child) for name, child in self.tree.children(node)
             )
+            await self._warm([child for _, _, child in entries])
         for ino, name, child in entries:
             if ino < start_id:
                 continue
@@ -327,6 +336,7 @@ class VdifsOperations(pyfuse3.Operations):
         if flags & os.O_TRUNC:
             # A disk's size is fixed: truncating raw.img would destroy it.
             raise pyfuse3.FUSEError(errno.EPERM)
+        await self._warm([node])
         export: Export | None = self.tree.open_export(node, write=write)
         immutable = self.tree.is_immutable(node)
         live = None

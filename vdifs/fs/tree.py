@@ -11,6 +11,7 @@ opened.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
-from vdifs.errors import AlreadyExists, NotFound, ReadOnly
+from vdifs.errors import AlreadyExists, NotFound, ReadOnly, VdifsError
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
 from vdifs.fs.nodes import (
     BY_NAME,
@@ -269,12 +270,16 @@ class Tree:
         return export
 
     def delta_bases(self, uuid: str) -> list[str]:
-        """Snapshots (checkpoints included) in this VDI's lineage, itself excluded."""
+        """Snapshots (checkpoints included) in this VDI's lineage, itself excluded;
+        only older ones where the backend tracks changes forward (CBT)."""
         record = self.record(uuid)
+        forward_only = self.sr.capabilities.deltas_forward_only and record.is_a_snapshot
         return sorted(
             u
             for u in self.by_lineage.get(record.lineage, ())
-            if u != uuid and self.records[u].is_a_snapshot
+            if u != uuid
+            and self.records[u].is_a_snapshot
+            and not (forward_only and self.records[u].changed_ns >= record.changed_ns)
         )
 
     # -- names inside snapshot directories ---------------------------------------------
@@ -602,7 +607,7 @@ class Tree:
     def _image_attr(self, node: Node) -> Attr:
         assert isinstance(node, RawImage | FullImage | DeltaImage)
         record = self.record(node.uuid)
-        writable = isinstance(node, RawImage) and not record.is_a_snapshot and not self.read_only
+        writable = isinstance(node, RawImage) and not self._read_only(record)
         immutable = self.is_immutable(node)
         export = self.open_export(node, write=False)
         return Attr(
@@ -612,6 +617,44 @@ class Tree:
             blocks=ceil_div(export.allocated_bytes, 512),
             timeout=IMMUTABLE_TIMEOUT if immutable else MUTABLE_TIMEOUT,
         )
+
+    def _read_only(self, record: VdiRecord) -> bool:
+        return self.read_only or record.is_a_snapshot or not self.sr.capabilities.live_writes
+
+    def needs_warming(self, node: Node) -> bool:
+        """Whether ``node``'s attributes need a map the tree has not loaded."""
+        match node:
+            case RawImage(uuid) | FullImage(uuid):
+                key: tuple[str, str, str | None] = (uuid, "raw", None)
+            case DeltaImage(uuid, base, fmt):
+                key = (uuid, fmt, base)
+            case _:
+                return False
+        record = self.records.get(uuid)
+        if record is None or record.data_destroyed:
+            return False
+        state = self._states.get(uuid)
+        if state is None or state.record.generation < record.generation:
+            return True
+        export = self._exports.get(key)
+        return key[2] is not None and (export is None or export.state is not state)
+
+    def warm_all(self, nodes: list[Node]) -> None:
+        """Fetch the maps these nodes' attributes need (a remote backend: off the loop).
+
+        Only the backend is called: its caches then answer the loop's own
+        calls at once.  The tree's structures are left to the loop.
+        """
+        for node in nodes:
+            if not self.needs_warming(node):
+                continue
+            match node:
+                case RawImage(uuid) | FullImage(uuid):
+                    self.sr.state(uuid, known=self.records[uuid])
+                case DeltaImage(uuid, base):
+                    with contextlib.suppress(VdifsError):  # the loop reports it
+                        _, content = self.sr.state(uuid, known=self.records[uuid])
+                        content.diff(self.sr.state(base, known=self.records[base])[1])
 
     def is_immutable(self, node: Node) -> bool:
         """Whether a file's bytes can never change (its page cache may be kept)."""
@@ -627,8 +670,11 @@ class Tree:
         if write:
             if not isinstance(node, RawImage):
                 raise ReadOnly("only a live VDI's raw.img is writable")
-            if self.read_only or self.record(node.uuid).is_a_snapshot:
-                raise ReadOnly(f"VDI {node.uuid} is read-only")
+            if self._read_only(self.record(node.uuid)):
+                raise ReadOnly(
+                    f"VDI {node.uuid} is read-only"
+                    + ("" if self.sr.capabilities.live_writes else ": write through import/")
+                )
         match node:
             case RawImage(uuid):
                 return self.export(uuid, "raw")

@@ -385,6 +385,7 @@ class ImportJob:
         assert writer is not None
         self.applier.finish()
         record = writer.commit()
+        self.notes += writer.notes
         self.finished = True
         seconds = time.monotonic() - self.started
         self.sr.imports.end(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from vdifs.errors import InvalidArgument, NotFound
 from vdifs.model import Allocation, VdiRecord, VmRecord
 
 
@@ -46,6 +47,12 @@ class Capabilities:
     """VM records, VM snapshots and revert."""
     garbage_collection: bool = True
     """``vdifs sr gc``: data that no state references can be reclaimed on demand."""
+    live_writes: bool = True
+    """A live VDI's raw.img takes writes (a pool's disks change only through imports)."""
+    remote: bool = False
+    """Maps come over the network: the FUSE adapter asks for them off its event loop."""
+    deltas_forward_only: bool = False
+    """A delta's base must be older than what it applies to (changed-block tracking)."""
 
 
 class ContentMap(Protocol):
@@ -98,6 +105,8 @@ class Writer(Protocol):
     import_name: str | None
     """Recorded with the commit: the image this write imports (a delta's base check)."""
     chunks_written: int
+    notes: list[str]
+    """What the backend adds to the import's status (a pool's safety snapshot)."""
 
     def grow(self, size: int) -> None: ...
 
@@ -300,6 +309,34 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def resolve_vm(
+    vms: VmStore, key: str, *, snapshot: bool | None = None, of: str | None = None
+) -> VmRecord:
+    """A VM (or VM snapshot) by uuid, or by a name exactly one candidate has."""
+    try:
+        record = vms.get(key)
+    except NotFound:
+        candidates = [
+            r
+            for r in vms.all()
+            if r.name_label == key
+            and (snapshot is None or r.is_a_snapshot == snapshot)
+            and (of is None or r.snapshot_of == of)
+        ]
+        if len(candidates) == 1:
+            return candidates[0]
+        what = "VM snapshot" if snapshot else "VM"
+        if not candidates:
+            raise NotFound(f"no {what} with uuid or name {key!r}") from None
+        raise InvalidArgument(
+            f"{what} name {key!r} is ambiguous: use a uuid: "
+            + ", ".join(r.uuid for r in candidates)
+        ) from None
+    if snapshot is not None and record.is_a_snapshot != snapshot:
+        raise InvalidArgument(f"{key} is {'not ' if snapshot else ''}a VM snapshot")
+    return record
 
 
 def deletion_order(

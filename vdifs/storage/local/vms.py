@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from vdifs.errors import AlreadyExists, Busy, InvalidArgument, NotFound
 from vdifs.model import VmRecord, check_name, utc_iso
-from vdifs.storage.backend import deletion_order
+from vdifs.storage.backend import deletion_order, resolve_vm
 
 if TYPE_CHECKING:
     from vdifs.storage.local.sr import LocalSR
@@ -73,29 +73,7 @@ class Vms:
         return self._record(row)
 
     def resolve(self, key: str, *, snapshot: bool | None = None, of: str | None = None) -> VmRecord:
-        """By uuid, or by a name that exactly one VM (or VM snapshot) has."""
-        try:
-            record = self.get(key)
-        except NotFound:
-            candidates = [
-                r
-                for r in self.all()
-                if r.name_label == key
-                and (snapshot is None or r.is_a_snapshot == snapshot)
-                and (of is None or r.snapshot_of == of)
-            ]
-            if len(candidates) == 1:
-                return candidates[0]
-            what = "VM snapshot" if snapshot else "VM"
-            if not candidates:
-                raise NotFound(f"no {what} with uuid or name {key!r}") from None
-            raise InvalidArgument(
-                f"{what} name {key!r} is ambiguous: use a uuid: "
-                + ", ".join(r.uuid for r in candidates)
-            ) from None
-        if snapshot is not None and record.is_a_snapshot != snapshot:
-            raise InvalidArgument(f"{key} is {'not ' if snapshot else ''}a VM snapshot")
-        return record
+        return resolve_vm(self, key, snapshot=snapshot, of=of)
 
     def create(self, name: str, description: str = "", metadata: str = "") -> VmRecord:
         check_name(name)

@@ -82,6 +82,7 @@ class ChunkWriter:
         self._reused_packs: set[int] = set()  # packs of existing chunks this write shares
         self._packs: list[tuple[int, int, int]] = []  # (pack, fd, slots used)
         self.chunks_written = 0
+        self.notes: list[str] = []
         self.bytes_stored = 0
         self._done = False
 
