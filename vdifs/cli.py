@@ -21,7 +21,8 @@ from vdifs import __version__, malloc
 from vdifs.errors import InvalidArgument, NotFound, Unsupported, VdifsError, exit_statuses
 from vdifs.model import VdiRecord
 from vdifs.storage.backend import Backend
-from vdifs.storage.local import LocalSR, default_sr_path
+from vdifs.storage.local import default_sr_path
+from vdifs.storage.open import SrSpec
 
 log = logging.getLogger("vdifs")
 
@@ -377,9 +378,9 @@ def cmd_mount(sr: Backend | None, args: argparse.Namespace) -> None:
 
     if args.foreground:
         options = mount.parse_options(args.options)
-        mount.serve_foreground(args.sr, Path(args.mountpoint), options)
+        mount.serve_foreground(args.spec, Path(args.mountpoint), options)
     else:
-        mount.mount_background(args.sr, Path(args.mountpoint), args.options, args.debug)
+        mount.mount_background(args.spec, Path(args.mountpoint), args.options, args.debug)
 
 
 def cmd_umount(sr: Backend | None, args: argparse.Namespace) -> None:
@@ -424,8 +425,10 @@ def cmd_demo(sr: Backend, args: argparse.Namespace) -> None:
     mountpoint = Path(args.mountpoint)
     mountpoint.mkdir(parents=True, exist_ok=True)
     if not os.path.ismount(mountpoint):
-        mount.mount_background(Path(args.sr), mountpoint, None, args.debug)
-    print(f"vdifs is mounted on {mountpoint} (SR {args.sr}); try: ls -l {mountpoint}/vdis/*/")
+        mount.mount_background(args.spec, mountpoint, None, args.debug)
+    print(
+        f"vdifs is mounted on {mountpoint} (SR {args.spec.text}); try: ls -l {mountpoint}/vdis/*/"
+    )
     print(f"unmount with: vdifs umount {mountpoint}")
 
 
@@ -449,9 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vdifs {__version__}")
     parser.add_argument(
         "--sr",
-        type=Path,
         default=None,
-        help="SR directory (default: $VDIFS_SR, else ~/.local/share/vdifs/sr)",
+        help="SR directory (default: $VDIFS_SR, else ~/.local/share/vdifs/sr),"
+        " or a pool: xapi://user@host[:port][/?sr=SR-UUID]",
+    )
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        help="a pool's certificate (or its CA) in PEM, when the system's CAs do not vouch for it",
+    )
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        help="a file whose first line is the pool's password (else $VDIFS_XAPI_PASSWORD)",
     )
     parser.add_argument("--debug", action="store_true", help="log debugging detail to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -622,13 +635,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "mount" and args.foreground:
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
-    if args.sr is None:
-        args.sr = default_sr_path()
     try:
+        args.spec = SrSpec(str(args.sr or default_sr_path()), args.ca, args.password_file)
         if args.fn in NEEDS_NO_SR:
             args.fn(None, args)
         else:
-            sr = LocalSR(args.sr)
+            sr = args.spec.open()
             try:
                 args.fn(sr, args)
             finally:

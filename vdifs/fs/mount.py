@@ -24,7 +24,7 @@ from vdifs.errors import Busy, InvalidArgument
 from vdifs.fs.ops import VdifsOperations
 from vdifs.fs.tree import Tree
 from vdifs.storage.backend import Backend
-from vdifs.storage.local import LocalSR
+from vdifs.storage.open import SrSpec
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,10 @@ async def _stop_on_signals() -> None:
             return
 
 
-def serve_foreground(sr_path: Path, mountpoint: Path, options: set[str]) -> None:
-    """Mount the embedded SR at ``sr_path`` and serve until unmounted or signalled."""
+def serve_foreground(spec: SrSpec, mountpoint: Path, options: set[str]) -> None:
+    """Mount the SR ``spec`` names and serve until unmounted or signalled."""
     check_free(mountpoint)
-    sr = LocalSR(sr_path)
+    sr = spec.open()
     try:
         serve(sr, mountpoint, options)
     finally:
@@ -157,13 +157,15 @@ def serve(backend: Backend, mountpoint: Path, options: set[str]) -> None:
     tree.uploads.close_all()
 
 
-def mount_background(sr_path: Path, mountpoint: Path, option_text: str | None, debug: bool) -> None:
+def mount_background(spec: SrSpec, mountpoint: Path, option_text: str | None, debug: bool) -> None:
     """Start a foreground daemon detached, return once the mount answers."""
     parse_options(option_text)  # refuse bad options before forking anything
     check_free(mountpoint)
-    sr_path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_path = sr_path / "daemon.log"
-    cmd = [sys.executable, "-m", "vdifs", "--sr", str(sr_path)]
+    if spec.is_pool:
+        spec.open().close()  # a wrong address, password or certificate fails here, clearly
+    spec.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = spec.log_dir / ("pool-daemon.log" if spec.is_pool else "daemon.log")
+    cmd = [sys.executable, "-m", "vdifs", *spec.args()]
     if debug:
         cmd.append("--debug")
     cmd += ["mount", str(mountpoint), "--foreground"]
