@@ -179,6 +179,7 @@ class VdifsOperations(pyfuse3.Operations):
         """Have a remote backend fetch the maps these nodes' attributes need, off the loop."""
         if self.tree.sr.capabilities.remote and any(map(self.tree.needs_warming, nodes)):
             await trio.to_thread.run_sync(self.tree.warm_all, nodes, limiter=READS)
+            await self._refresh()  # what the backend learnt may show in records
 
     # -- lookups and attributes --------------------------------------------------
 

@@ -622,9 +622,10 @@ class Tree:
         return self.read_only or record.is_a_snapshot or not self.sr.capabilities.live_writes
 
     def needs_warming(self, node: Node) -> bool:
-        """Whether ``node``'s attributes need a map the tree has not loaded."""
+        """Whether ``node``'s attributes need a map the tree has not loaded
+        (info.json too: reading a map can teach a backend more of the record)."""
         match node:
-            case RawImage(uuid) | FullImage(uuid):
+            case RawImage(uuid) | FullImage(uuid) | InfoFile(uuid):
                 key: tuple[str, str, str | None] = (uuid, "raw", None)
             case DeltaImage(uuid, base, fmt):
                 key = (uuid, fmt, base)
@@ -649,7 +650,7 @@ class Tree:
             if not self.needs_warming(node):
                 continue
             match node:
-                case RawImage(uuid) | FullImage(uuid):
+                case RawImage(uuid) | FullImage(uuid) | InfoFile(uuid):
                     self.sr.state(uuid, known=self.records[uuid])
                 case DeltaImage(uuid, base):
                     with contextlib.suppress(VdifsError):  # the loop reports it
