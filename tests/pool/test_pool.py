@@ -208,7 +208,13 @@ def test_a_disk_in_use_by_a_running_vm_is_not_written(
     assert wait_for(lambda: (pool_mount.path / "vms" / vm / "snapshots" / "nightly").exists(), 10)
     result = pool_cli.run("vm", "revert", snap, check=False)
     assert result.returncode == 6, result.stderr  # Busy: VM_BAD_POWER_STATE
+    # XAPI refuses changed blocks onto a disk in use: no delta is listed, none fails.
+    assert os.listdir(pool_mount.vdi(vdi) / "delta-from") == []
     pool.control.set_power_state(vm, "Halted")
+    disk_snap = json.loads(pool_cli("vm", "show", snap))["disks"]["xvda"]
+    assert wait_for(
+        lambda: f"{disk_snap}.vhd" in os.listdir(pool_mount.vdi(vdi) / "delta-from"), 10
+    )
     write_guest(pool, vdi, 0, os.urandom(MiB))
     pool_cli("vm", "revert", snap)
     disk = json.loads(pool_cli("vm", "show", vm))["disks"]["xvda"]

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -209,9 +210,7 @@ class PoolBackend:
         self._watcher: threading.Thread | None = None
         self._import_keys: set[str] = set()
         base = scratch or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        base = base / "vdifs" / "pool-scratch"
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._scratch = tempfile.TemporaryDirectory(prefix="vdifs-", dir=base)
+        self._scratch = _scratch_dir(base / "vdifs" / "pool-scratch")
         self.reload()
 
     @property
@@ -558,8 +557,47 @@ class PoolBackend:
         for reader in readers:
             reader.close()
         self.session.logout()
-        with contextlib.suppress(OSError):
-            self._scratch.cleanup()
+        self._scratch.cleanup()
+
+
+class _ScratchDir:
+    """This process's directory for staged uploads, flocked while it lives, so a
+    later process removes what a crashed one left."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def cleanup(self) -> None:
+        if self._fd >= 0:
+            shutil.rmtree(self.path, ignore_errors=True)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _scratch_dir(base: Path) -> _ScratchDir:
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for stale in base.glob("vdifs-*"):
+        try:
+            fd = os.open(stale, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live process's
+        finally:
+            os.close(fd)
+        log.info("removing %s, left by a process that is gone", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    # Locked before it takes a name the sweep above looks at.
+    fresh = _ScratchDir(Path(tempfile.mkdtemp(prefix=".new-", dir=base)))
+    final = fresh.path.with_name("vdifs-" + fresh.path.name.removeprefix(".new-"))
+    fresh.path.rename(final)
+    fresh.path, fresh.name = final, str(final)
+    return fresh
 
 
 def _read_head(read: Any) -> tuple[int, list[int]]:

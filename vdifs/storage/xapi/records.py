@@ -127,8 +127,7 @@ def build_view(
             is_a_snapshot=snapshot,
             snapshot_of=uuid_of.get(vdi.get("snapshot_of", NULL_REF)) if snapshot else None,
             snapshot_time=taken,
-            # Deltas exist only where changed-block tracking relates two states.
-            lineage=family(ref) if vdi.get("cbt_enabled") else uuid,
+            lineage=_lineage(ref, family, vdi, uuid in view.attached),
             created=taken or EPOCH,
             changed_ns=changed_ns,
             generation=generation,
@@ -184,3 +183,14 @@ def build_view(
         )
         view.vm_refs[vm["uuid"]] = ref
     return view
+
+
+def _lineage(ref: str, family: Any, vdi: Mapping[str, Any], in_use: bool) -> str:
+    """Deltas exist only where changed-block tracking relates two states, and XAPI
+    refuses ``list_changed_blocks`` onto a disk a running VM uses: such a VDI and
+    one without CBT stand alone (``delta-from/`` stays empty instead of failing)."""
+    if not vdi.get("cbt_enabled"):
+        return str(vdi["uuid"])
+    if in_use and not vdi.get("is_a_snapshot"):
+        return f"in-use:{vdi['uuid']}"
+    return str(family(ref))
