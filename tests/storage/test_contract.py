@@ -1,4 +1,8 @@
-"""The contract every storage backend passes: the embedded SR and the in-memory one.
+"""The contract every storage backend passes: the embedded SR, the in-memory one, a pool.
+
+Where a backend differs by nature (a pool: 2 MiB allocation and sizes, no
+snapshot tree, live disks read as they are now), its ``Capabilities`` say so
+and the contract checks the promise that remains.
 
 A new backend joins the ``backend`` fixture's parameters and must pass all of
 this before anything above ``vdifs/storage`` may use it.
@@ -10,24 +14,55 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
+from tests.pool.fakepool import running_pool
 from tests.storage.memory import MemoryBackend
 from vdifs.errors import Busy, InvalidArgument, NotFound, ReadOnly, VdifsError
 from vdifs.exports import DiskState, Export
 from vdifs.model import CHUNK_SIZE, CHUNKS_PER_BLOCK, Allocation
 from vdifs.storage.backend import Backend, WouldBlock
 from vdifs.storage.local import LocalSR
+from vdifs.storage.xapi.api import PoolAddress
+from vdifs.storage.xapi.pool import PoolBackend
 
 MiB = 1 << 20
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "pool"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    made: Backend = LocalSR(tmp_path / "sr") if request.param == "local" else MemoryBackend()
-    yield made
-    made.close()
+    if request.param != "pool":
+        made: Backend = LocalSR(tmp_path / "sr") if request.param == "local" else MemoryBackend()
+        yield made
+        made.close()
+        return
+    # A fresh fake pool per test (tests/pool/fakepool: XAPI over HTTPS, nbdkit for bytes).
+    with running_pool(tmp_path / "pool") as pool:
+        port = urlsplit(pool.url).port
+        made = PoolBackend(
+            PoolAddress.parse(f"xapi://{pool.user}@127.0.0.1:{port}"),
+            pool.password,
+            ca=Path(pool.ca),
+            scratch=tmp_path / "cache",
+        )
+        yield made
+        made.close()
+
+
+def size_of(backend: Backend, size: int) -> int:
+    """``size`` as the backend rounds it."""
+    unit = backend.capabilities.size_unit
+    return -(-size // unit) * unit
+
+
+def allocated(backend: Backend, chunks: list[int], size: int) -> list[int]:
+    """The chunks an allocation holding ``chunks`` lists, at the backend's granularity."""
+    per_unit = backend.capabilities.allocation_unit // CHUNK_SIZE
+    limit = -(-size // CHUNK_SIZE)
+    units = sorted({c // per_unit for c in chunks})
+    return [c for u in units for c in range(u * per_unit, min((u + 1) * per_unit, limit))]
 
 
 def read(backend: Backend, uuid: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -58,7 +93,7 @@ def test_records_and_names(backend: Backend) -> None:
     version = backend.data_version()
     record = backend.create_vdi("disk", 3 * MiB + 512, "a description")
     assert backend.data_version() != version
-    assert record.virtual_size == 3 * MiB + 512 and record.generation >= 1
+    assert record.virtual_size == size_of(backend, 3 * MiB + 512) and record.generation >= 1
     assert not record.is_a_snapshot and record.name_description == "a description"
     assert backend.get_vdi(record.uuid) == record
     assert [r.uuid for r in backend.list_vdis()] == [record.uuid]
@@ -69,7 +104,7 @@ def test_records_and_names(backend: Backend) -> None:
             backend.create_vdi(bad, MiB)
     backend.set_name(record.uuid, "renamed")
     assert backend.get_vdi(record.uuid).name_label == "renamed"
-    assert read(backend, record.uuid) == bytes(3 * MiB + 512)
+    assert read(backend, record.uuid) == bytes(record.virtual_size)
 
 
 def test_a_commit_is_all_or_nothing(backend: Backend) -> None:
@@ -79,8 +114,9 @@ def test_a_commit_is_all_or_nothing(backend: Backend) -> None:
     record, content = backend.state(uuid)
     assert read(backend, uuid, 0, CHUNK_SIZE) == a
     assert read(backend, uuid, 40 * CHUNK_SIZE + 100, 10) == b[100:110]
-    assert content.chunk_count == 2 and record.physical_utilisation == 2 * CHUNK_SIZE
-    assert chunks_of(content.allocation()) == [0, 40]
+    assert chunks_of(content.allocation()) == allocated(backend, [0, 40], 4 * MiB)
+    assert content.chunk_count == len(allocated(backend, [0, 40], 4 * MiB))
+    assert record.physical_utilisation >= 2 * CHUNK_SIZE
     # Not committed: nothing changes.
     with backend.writer(uuid) as writer:
         writer.write_chunk(1, os.urandom(CHUNK_SIZE))
@@ -99,7 +135,7 @@ def test_a_commit_is_all_or_nothing(backend: Backend) -> None:
         writer.write_chunks(0, a + bytes(CHUNK_SIZE))
         writer.commit()
     assert read(backend, uuid, 0, 4 * MiB) == a + bytes(4 * MiB - CHUNK_SIZE)
-    assert backend.state(uuid)[1].chunk_count == 1
+    assert chunks_of(backend.state(uuid)[1].allocation()) == allocated(backend, [0], 4 * MiB)
     with pytest.raises(VdifsError):
         write(backend, uuid, {64: a})  # past the end
 
@@ -109,14 +145,23 @@ def test_a_state_read_is_a_point_in_time(backend: Backend) -> None:
     old = os.urandom(CHUNK_SIZE)
     write(backend, uuid, {5: old})
     record, content = backend.state(uuid)
+    if not backend.capabilities.pinned_live_states:
+        # Only snapshots stay as they were: read the old state through one.
+        uuid = backend.snapshot(uuid).uuid
+        record, content = backend.state(uuid)
+        uuid = record.snapshot_of or uuid
     pin = backend.keep_readable(content)
-    write(backend, uuid, {5: os.urandom(CHUNK_SIZE)})
+    new = os.urandom(CHUNK_SIZE)
+    write(backend, uuid, {5: new})
     buf = bytearray(CHUNK_SIZE)
     backend.read_into(content, 5 * CHUNK_SIZE, memoryview(buf))
     assert bytes(buf) == old
     pin.release()
+    assert read(backend, uuid, 5 * CHUNK_SIZE, CHUNK_SIZE) == new
+    record, _ = backend.state(uuid)
+    write(backend, uuid, {6: new})
     again, _ = backend.state(uuid, known=record)
-    assert again.generation == record.generation + 1
+    assert again.generation > record.generation
     current, _ = backend.state(uuid)
     assert backend.state(uuid, known=current)[0] is current  # unchanged: returned as is
     with contextlib.suppress(WouldBlock):  # nowait answers at once or says it would block
@@ -129,7 +174,8 @@ def test_snapshots_clones_and_deltas(backend: Backend) -> None:
     write(backend, uuid, data)
     snap = backend.snapshot(uuid, "monday")
     assert snap.is_a_snapshot and snap.snapshot_of == uuid and snap.read_only
-    assert backend.get_vdi(uuid).current == snap.uuid
+    tree = backend.capabilities.snapshot_tree
+    assert backend.get_vdi(uuid).current == (snap.uuid if tree else None)
     assert snap.uuid in backend.get_vdi(uuid).snapshots
     before = read(backend, snap.uuid)
     write(backend, uuid, {1: os.urandom(CHUNK_SIZE), 33: bytes(CHUNK_SIZE), 50: b"x"})
@@ -151,8 +197,8 @@ def test_snapshots_clones_and_deltas(backend: Backend) -> None:
     assert read(backend, snap.uuid) == before
     # The snapshot tree: a second snapshot hangs under the first.
     second = backend.snapshot(uuid)
-    assert second.parent == snap.uuid
-    assert backend.descendants(snap.uuid) == [second.uuid]
+    assert second.parent == (snap.uuid if tree else None)
+    assert backend.descendants(snap.uuid) == ([second.uuid] if tree else [])
     assert backend.delete_snapshot(snap.uuid) == [snap.uuid]
     assert backend.get_vdi(second.uuid).parent is None  # re-parented
     assert read(backend, clone.uuid, CHUNK_SIZE, CHUNK_SIZE) == data[1]
@@ -174,11 +220,16 @@ def test_new_vdis_resize_and_import_identity(backend: Backend) -> None:
         assert [r.uuid for r in backend.list_vdis()] == []  # appears with the commit
         writer.import_identity, writer.import_name = b"\1" * 16, "made.vhd"
         record = writer.commit()
-    assert record.name_label == "made" and record.virtual_size == 3 * MiB
+    assert record.name_label == "made" and record.virtual_size == size_of(backend, 3 * MiB)
+    assert read(backend, record.uuid, 2 * CHUNK_SIZE, 3) == b"new"
     identity, name, generation = backend.last_import(record.uuid)
-    assert (identity, name, generation) == (b"\1" * 16, "made.vhd", record.generation)
+    if backend.capabilities.import_identity:
+        assert (identity, name, generation) == (b"\1" * 16, "made.vhd", record.generation)
+    else:
+        assert (identity, name, generation) == (None, None, None)
     grown = backend.resize(record.uuid, 5 * MiB)
-    assert grown.virtual_size == 5 * MiB and grown.generation > record.generation
+    assert grown.virtual_size == size_of(backend, 5 * MiB)
+    assert grown.generation > record.generation
     assert read(backend, record.uuid, 3 * MiB, 2 * MiB) == bytes(2 * MiB)
     with pytest.raises(InvalidArgument):
         backend.resize(record.uuid, MiB)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vdifs.errors import InvalidArgument, NotFound
-from vdifs.model import Allocation, VdiRecord, VmRecord
+from vdifs.model import CHUNK_SIZE, SECTOR_SIZE, Allocation, VdiRecord, VmRecord
 
 
 class WouldBlock(Exception):
@@ -53,6 +53,18 @@ class Capabilities:
     """Maps come over the network: the FUSE adapter asks for them off its event loop."""
     deltas_forward_only: bool = False
     """A delta's base must be older than what it applies to (changed-block tracking)."""
+    snapshot_tree: bool = True
+    """Snapshots form a tree (``parent``, ``current``, ``descendants``: libvirt's model);
+    a pool's snapshots stand alone."""
+    pinned_live_states: bool = True
+    """A live VDI's state stays readable as it was after later writes; a pool reads a
+    live disk as it is now (its snapshots are what stays)."""
+    import_identity: bool = True
+    """``last_import`` remembers the image last imported (a pool keeps nothing of it)."""
+    allocation_unit: int = CHUNK_SIZE
+    """What a state's allocation is exact to (a pool knows 2 MiB blocks)."""
+    size_unit: int = SECTOR_SIZE
+    """Virtual sizes are rounded up to a multiple of this (XAPI's VHD SRs: 2 MiB)."""
 
 
 class ContentMap(Protocol):

@@ -39,6 +39,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -343,6 +344,7 @@ class NbdReader:
         readahead: int = 8,
         timeout: float = 30.0,
         wanted: Callable[[int, int], bool] | None = None,
+        max_age: float | None = None,
     ) -> None:
         if not 1 <= connections <= MAX_CONNECTIONS:
             raise ValueError(f"connections must be 1 to {MAX_CONNECTIONS} (xapi-nbd's limit)")
@@ -359,6 +361,8 @@ class NbdReader:
         self._connections = connections
         self._timeout = timeout
         self._wanted = wanted
+        self._max_age = max_age  # a live disk changes under us: cached segments expire
+        self._stamps: dict[int, float] = {}  # segment -> when it was fetched
         self._lock = threading.Condition()
         self._idle: list[NbdConnection] = []
         self._open: dict[NbdConnection, int] = {}  # every open connection: its generation
@@ -478,6 +482,9 @@ class NbdReader:
                     raise NbdError(errno.EIO, "the NBD reader is closed")
                 fetch = self._inflight.get(idx)
                 data = self._cache.get(idx) if fetch is None else None
+                if data is not None and self._expired(idx):
+                    del self._cache[idx]
+                    data = None
                 if readahead and (data is not None or fetch is not None):
                     return None
                 if data is not None:
@@ -509,15 +516,24 @@ class NbdReader:
         with self._lock:
             del self._inflight[idx]
             self._cache[idx] = fetch.data
+            self._stamps[idx] = time.monotonic()
             if readahead:
                 self._prefetched.add(idx)
             while len(self._cache) > self._cache_segments:
-                self._prefetched.discard(self._cache.popitem(last=False)[0])
+                evicted = self._cache.popitem(last=False)[0]
+                self._prefetched.discard(evicted)
+                self._stamps.pop(evicted, None)
             self.stats["fetches"] += 1
             self.stats["fetched_bytes"] += len(fetch.data)
             self.stats["readahead"] += readahead
         fetch.done.set()
         return fetch.data
+
+    def _expired(self, idx: int) -> bool:  # under the lock
+        return (
+            self._max_age is not None
+            and time.monotonic() - self._stamps.get(idx, 0.0) > self._max_age
+        )
 
     def _hit(self, idx: int) -> None:  # under the lock
         self.stats["cache_hits"] += 1
@@ -529,7 +545,8 @@ class NbdReader:
         """Fetches segments first..last in the background, skipping what is not wanted."""
         for idx in range(first, min(last, self._segments - 1) + 1):
             with self._lock:
-                busy = idx in self._cache or idx in self._inflight or idx in self._queued
+                cached = idx in self._cache and not self._expired(idx)
+                busy = cached or idx in self._inflight or idx in self._queued
                 if busy or self._closed:
                     continue
             offset = idx * self._segment

@@ -71,6 +71,7 @@ WATCHED_CLASSES = ["vdi", "vbd", "vm", "sr"]
 EVENT_WAIT = 30.0  # seconds event.from waits for a change
 READERS = 8  # VDIs with NBD connections open at once (xapi-nbd allows 16 per host)
 NBD_CONNECTIONS = 4
+LIVE_SEGMENT_AGE = 1.0  # seconds a live disk's read-ahead stays fresh enough to serve
 _BIT_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
@@ -187,6 +188,11 @@ class PoolBackend:
         live_writes=False,
         remote=True,
         deltas_forward_only=True,
+        snapshot_tree=False,
+        pinned_live_states=False,
+        import_identity=False,
+        allocation_unit=BLOCK_SIZE,
+        size_unit=BLOCK_SIZE,
     )
 
     def __init__(
@@ -353,15 +359,18 @@ class PoolBackend:
         uuid = content.uuid
         with self._lock:
             reader = self._readers.get(uuid)
-            if reader is not None:
+            if reader is not None and reader.size == content.virtual_size:
                 self._readers.move_to_end(uuid)
                 return reader
+            if reader is not None:
+                reader.close()  # resized
             wanted = content.holds_data if content.immutable and content.exact else None
             reader = self._readers[uuid] = NbdReader(
                 lambda: self.nbd_target(uuid),
                 content.virtual_size,
                 connections=NBD_CONNECTIONS,
                 wanted=wanted,
+                max_age=None if content.immutable else LIVE_SEGMENT_AGE,
             )
             while len(self._readers) > READERS:
                 _, evicted = self._readers.popitem(last=False)
@@ -415,9 +424,12 @@ class PoolBackend:
         return ref
 
     def create_vdi(self, name: str, size: int, description: str = "") -> VdiRecord:
+        """A VDI in the default SR (or ``?sr=``), with changed-block tracking on, so
+        that its snapshots have deltas."""
         check_name(name)
         if size <= 0:
             raise InvalidArgument("a VDI needs a size above zero")
+        size = ceil_div(size, BLOCK_SIZE) * BLOCK_SIZE  # as SM rounds VHD VDIs
         ref = self.session.call(
             "VDI.create",
             {
@@ -434,6 +446,7 @@ class PoolBackend:
                 "tags": [],
             },
         )
+        self.session.call("VDI.enable_cbt", ref)
         return self._after(self.session.call("VDI.get_uuid", ref))
 
     def _after(self, uuid: str) -> VdiRecord:
@@ -463,12 +476,16 @@ class PoolBackend:
 
     def destroy(self, uuid: str) -> None:
         self.session.call("VDI.destroy", self.ref(uuid))
+        self.forget(uuid)
+        self.reload()
+
+    def forget(self, uuid: str) -> None:
+        """Drop what this process holds of a VDI's content (it changed or went)."""
         with self._lock:
             self._maps.pop(uuid, None)
             reader = self._readers.pop(uuid, None)
         if reader is not None:
             reader.close()
-        self.reload()
 
     def delete_snapshot(
         self, uuid: str, *, children: bool = False, only_children: bool = False
@@ -497,6 +514,7 @@ class PoolBackend:
         record = self.get_vdi(uuid)
         if record.is_a_snapshot:
             raise ReadOnly(f"VDI {uuid} is a snapshot: it cannot be resized")
+        size = ceil_div(size, BLOCK_SIZE) * BLOCK_SIZE
         if size < record.virtual_size:
             raise InvalidArgument(f"VDI {uuid} can only grow")
         if size > record.virtual_size:

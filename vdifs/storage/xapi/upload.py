@@ -195,11 +195,13 @@ class PoolWriter:
             try:
                 pool.session.import_raw(pool.ref(self.uuid), "vhd", layout.size, self._body(layout))
             except VdifsError as exc:
+                pool.forget(self.uuid)
                 if self.new_vdi is not None:
                     with contextlib.suppress(VdifsError):
                         pool.destroy(self.uuid)
                     raise
                 raise type(exc)(f"{exc}; " + " ".join(self.notes)) from None
+            pool.forget(self.uuid)
             pool.reload()
             return pool.get_vdi(self.uuid)
         finally:
