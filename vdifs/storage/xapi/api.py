@@ -220,7 +220,9 @@ class Session:
             if result["Status"] == "Success":
                 return result.get("Value")
             description = result.get("ErrorDescription", [])
-            if attempt == 1 and description and description[0] == "SESSION_INVALID":
+            if description and description[0] == "SESSION_INVALID":
+                description = ["SESSION_INVALID"]  # its parameter is the session: a secret
+            if attempt == 1 and description == ["SESSION_INVALID"]:
                 log.info("XAPI session expired: logging in again")
                 with self._login_lock:
                     stale = self.ref == session
