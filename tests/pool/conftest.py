@@ -53,6 +53,7 @@ class PoolCli:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k != "VDIFS_XAPI_PASSWORD"}
         env["XDG_CACHE_HOME"] = str(Path(self.pool.state_dir) / "cache")  # logs, scratch
+        env["XDG_STATE_HOME"] = str(Path(self.pool.state_dir) / "state")  # the import journal
         options = ["--sr", address(self.pool, self.sr), "--ca", str(self.ca)]
         if self.password_file is not None:
             options += ["--password-file", str(self.password_file)]

@@ -32,13 +32,16 @@ MiB = 1 << 20
 
 
 @pytest.fixture(params=["local", "memory", "pool"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
     if request.param != "pool":
         made: Backend = LocalSR(tmp_path / "sr") if request.param == "local" else MemoryBackend()
         yield made
         made.close()
         return
     # A fresh fake pool per test (tests/pool/fakepool: XAPI over HTTPS, nbdkit for bytes).
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     with running_pool(tmp_path / "pool") as pool:
         port = urlsplit(pool.url).port
         made = PoolBackend(

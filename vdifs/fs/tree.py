@@ -271,7 +271,9 @@ class Tree:
 
     def delta_bases(self, uuid: str) -> list[str]:
         """Snapshots (checkpoints included) in this VDI's lineage, itself excluded;
-        only older ones where the backend tracks changes forward (CBT)."""
+        only older ones where the backend tracks changes forward (CBT).  XAPI's
+        snapshot times have one-second resolution: two taken in the same second are
+        both listed, and the one XAPI cannot answer is ENOENT when looked up."""
         record = self.record(uuid)
         forward_only = self.sr.capabilities.deltas_forward_only and record.is_a_snapshot
         return sorted(
@@ -279,7 +281,7 @@ class Tree:
             for u in self.by_lineage.get(record.lineage, ())
             if u != uuid
             and self.records[u].is_a_snapshot
-            and not (forward_only and self.records[u].changed_ns >= record.changed_ns)
+            and not (forward_only and self.records[u].changed_ns > record.changed_ns)
         )
 
     # -- names inside snapshot directories ---------------------------------------------

@@ -71,22 +71,6 @@ CREATE TABLE IF NOT EXISTS vm_disks(
     vdi TEXT NOT NULL,
     PRIMARY KEY(vm, device)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS imports(
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    target TEXT,
-    format TEXT NOT NULL,
-    state TEXT NOT NULL,
-    error TEXT,
-    errno INTEGER,
-    bytes_received INTEGER NOT NULL DEFAULT 0,
-    chunks_applied INTEGER NOT NULL DEFAULT 0,
-    started TEXT NOT NULL,
-    finished TEXT,
-    seconds REAL,
-    pid INTEGER NOT NULL DEFAULT 0,
-    notes TEXT
-);
 """
 
 

@@ -45,8 +45,8 @@ from vdifs.errors import (
 )
 from vdifs.model import CHUNK_SIZE, VdiRecord, check_name, utc_iso
 from vdifs.storage.backend import Capabilities, ContentMap, WouldBlock, deletion_order
+from vdifs.storage.importlog import IMPORTS_TABLE, SqliteImportLog
 from vdifs.storage.local.blockmap import BlockMap
-from vdifs.storage.local.importlog import LocalImportLog
 from vdifs.storage.local.layout import (
     _LATE_INDEXES,
     _SCHEMA,
@@ -112,7 +112,7 @@ class LocalSR:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.vms = Vms(self)
-        self.imports = LocalImportLog(self)
+        self.imports = SqliteImportLog(self, "the process running it stopped; nothing was applied")
         self.packs_dir = self.path / "packs"
         self.staging_dir = self.path / "staging"
         for d in (self.path, self.packs_dir, self.staging_dir):
@@ -122,7 +122,7 @@ class LocalSR:
         self._fds: dict[int, _PackFile] = {}
         self._fd_lock = threading.Lock()
         db = self.db
-        for statement in _SCHEMA.strip().split(";\n"):
+        for statement in (_SCHEMA + IMPORTS_TABLE).strip().split(";\n"):
             if statement.strip():
                 db.execute(statement)
         db.execute(

@@ -59,7 +59,7 @@ from vdifs.model import (
     check_name,
 )
 from vdifs.storage.backend import Capabilities, WouldBlock, deletion_order
-from vdifs.storage.memlog import MemoryImportLog
+from vdifs.storage.importlog import ImportJournal, SqliteImportLog
 from vdifs.storage.xapi.api import NULL_REF, ExportRefused, PoolAddress, Session
 from vdifs.storage.xapi.nbd import NbdError, NbdReader, NbdTarget
 from vdifs.storage.xapi.records import PoolView, build_view
@@ -205,7 +205,12 @@ class PoolBackend:
     ) -> None:
         self.address = address
         self.session = Session(address, password, ca=ca)
-        self.imports = MemoryImportLog()
+        self.imports = SqliteImportLog(
+            ImportJournal(_state_home() / "vdifs" / "pools" / f"{address.host}_{address.port}.db"),
+            "the process running it stopped; the disk may be partly written:"
+            " its snapshot named '<disk> (before import)' holds what it was",
+        )
+        self.imports.mark_interrupted()
         self.vms = PoolVms(self)
         self._lock = threading.RLock()
         self._view = PoolView()
@@ -616,6 +621,10 @@ def _scratch_dir(base: Path) -> _ScratchDir:
     fresh.path.rename(final)
     fresh.path, fresh.name = final, str(final)
     return fresh
+
+
+def _state_home() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
 
 
 def _read_head(read: Any) -> tuple[int, list[int]]:

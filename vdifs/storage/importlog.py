@@ -1,19 +1,51 @@
-"""The embedded SR's record of import attempts (the ``imports`` table)."""
+"""Import attempts in an ``imports`` table of SQLite: the embedded SR keeps it in its
+database, a pool in a journal file of its own on the backup host (:class:`ImportJournal`)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_module
 import logging
 import os
+import sqlite3
+import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
 
 from vdifs.model import safe_text, utc_iso
 
-if TYPE_CHECKING:
-    from vdifs.storage.local.sr import LocalSR
-
 log = logging.getLogger(__name__)
+
+IMPORTS_TABLE = """
+CREATE TABLE IF NOT EXISTS imports(
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    target TEXT,
+    format TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    errno INTEGER,
+    bytes_received INTEGER NOT NULL DEFAULT 0,
+    chunks_applied INTEGER NOT NULL DEFAULT 0,
+    started TEXT NOT NULL,
+    finished TEXT,
+    seconds REAL,
+    pid INTEGER NOT NULL DEFAULT 0,
+    notes TEXT
+);
+"""
+
+
+class Store(Protocol):
+    """Where the table lives: a connection for this thread, and write transactions."""
+
+    @property
+    def db(self) -> sqlite3.Connection: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]: ...
+
 
 HISTORY = 1000  # attempts kept
 _KEYS = (
@@ -33,11 +65,13 @@ _KEYS = (
 )
 
 
-class LocalImportLog:
-    """Implements :class:`vdifs.storage.backend.ImportLog` in the SR's database."""
+class SqliteImportLog:
+    """Implements :class:`vdifs.storage.backend.ImportLog` in a SQLite ``imports`` table."""
 
-    def __init__(self, sr: LocalSR) -> None:
-        self.sr = sr
+    def __init__(self, store: Store, interrupted: str) -> None:
+        self.sr = store
+        self.interrupted = interrupted
+        """What an attempt whose process died left behind (the error it is recorded with)."""
 
     def start(self, name: str, target: str | None, fmt: str, received: int) -> int:
         with self.sr.transaction() as db:
@@ -115,9 +149,35 @@ class LocalImportLog:
                 db.execute(
                     "UPDATE imports SET state = 'failed', errno = ?, error = ?"
                     " WHERE id = ? AND state = 'running'",
-                    (
-                        errno_module.EIO,
-                        "interrupted: the process running it stopped; nothing was applied",
-                        import_id,
-                    ),
+                    (errno_module.EIO, f"interrupted: {self.interrupted}", import_id),
                 )
+
+
+class ImportJournal:
+    """A SQLite file holding only the ``imports`` table (one connection per thread)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
+        self._local = threading.local()
+        self.db.execute(IMPORTS_TABLE)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
