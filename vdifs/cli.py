@@ -8,6 +8,7 @@ error's class (listed in ``vdifs --help``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -322,7 +323,7 @@ def cmd_export(sr: Backend, args: argparse.Namespace) -> None:
 
 
 def cmd_import(sr: Backend, args: argparse.Namespace) -> None:
-    from vdifs.imports.engine import IMAGE_EXTENSIONS, file_reader, run_import
+    from vdifs.imports.engine import IMAGE_EXTENSIONS, import_file
 
     path = Path(args.file)
     fmt = args.format
@@ -339,16 +340,14 @@ def cmd_import(sr: Backend, args: argparse.Namespace) -> None:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror}") from None
-    lock = sr.import_lock(target if target is not None else f"new-{args.vdi}")
     try:
         size = os.fstat(fd).st_size
         progress = Progress(size, sys.stderr) if args.progress and sys.stderr.isatty() else None
-        result = run_import(
+        result = import_file(
             sr,
-            name=path.name,
-            fmt=fmt,
-            read_at=file_reader(fd),
-            size=size,
+            fd,
+            path.name,
+            fmt,
             target=target,
             new_name=args.vdi if args.create else None,
             force=args.force,
@@ -356,7 +355,6 @@ def cmd_import(sr: Backend, args: argparse.Namespace) -> None:
         )
     finally:
         os.close(fd)
-        lock.release()
     print(result.target)
 
 
@@ -381,6 +379,22 @@ def cmd_mount(sr: Backend | None, args: argparse.Namespace) -> None:
         mount.serve_foreground(args.spec, Path(args.mountpoint), options)
     else:
         mount.mount_background(args.spec, Path(args.mountpoint), args.options, args.debug)
+
+
+def cmd_serve(sr: Backend, args: argparse.Namespace) -> None:
+    from vdifs.serve import serve_forever
+    from vdifs.serve_auth import Credentials
+
+    credentials = Credentials.load(args.token_file, args.htpasswd)
+    if args.cert is None:
+        print("vdifs: serving plain HTTP: pass --cert and --key for HTTPS", file=sys.stderr)
+    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
+
+    def ready(port: int) -> None:
+        print(f"listening on port {port}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        serve_forever(sr, args.listen, credentials, cert=args.cert, key=args.key, ready=ready)
 
 
 def cmd_umount(sr: Backend | None, args: argparse.Namespace) -> None:
@@ -608,6 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: ro, allow_other, allow_root, auto_unmount, debug,"
         " snapshot_admin, direct_io (images bypass the page cache: fastest for cp/qemu-img)",
     )
+    p = add(
+        sub,
+        "serve",
+        cmd_serve,
+        "serve XAPI's export_raw_vdi/import_raw_vdi URLs and the tree's files over HTTP(S)",
+    )
+    p.add_argument("--listen", required=True, help="ADDRESS:PORT (port 0: any free one)")
+    p.add_argument("--cert", type=Path, help="TLS certificate chain (PEM): serve HTTPS")
+    p.add_argument("--key", type=Path, help="its private key (PEM)")
+    p.add_argument("--token-file", type=Path, help="a file of tokens, one per line")
+    p.add_argument("--htpasswd", type=Path, help="an Apache htpasswd file of users")
     p = add(sub, "umount", cmd_umount, "unmount a vdifs mount")
     p.add_argument("mountpoint")
     p.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")

@@ -560,6 +560,36 @@ def record_not_applied(
     sr.imports.end(import_id, "failed", error, errno, 0, 0.0)
 
 
+def import_file(
+    sr: Backend,
+    fd: int,
+    name: str,
+    fmt: str,
+    *,
+    target: str | None,
+    new_name: str | None = None,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Import a whole file (``vdifs import``, ``vdifs serve``'s PUT), holding the
+    target's import lock: into VDI ``target``, or a new VDI ``new_name``."""
+    lock = sr.import_lock(target if target is not None else f"new-{new_name}")
+    try:
+        return run_import(
+            sr,
+            name=name,
+            fmt=fmt,
+            read_at=file_reader(fd),
+            size=os.fstat(fd).st_size,
+            target=target,
+            new_name=new_name,
+            force=force,
+            progress=progress,
+        )
+    finally:
+        lock.release()
+
+
 def file_reader(fd: int) -> ReadAt:
     def read_at(offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
