@@ -380,7 +380,16 @@ def test_options_named_in_the_guide_exist() -> None:
         subprocess.run([str(ROOT / "contrib" / s), "--help"], capture_output=True, text=True).stdout
         for s in ("vdifs-backup", "vdifs-restore")
     ]
-    for args in ([], ["mount"], ["umount"], ["import"], ["vdi", "snapshot"], ["vdi", "clone"]):
+    commands = (
+        [],
+        ["mount"],
+        ["umount"],
+        ["import"],
+        ["serve"],
+        ["vdi", "snapshot"],
+        ["vdi", "clone"],
+    )
+    for args in commands:
         helps.append(
             subprocess.run(
                 [sys.executable, "-m", "vdifs", *args, "--help"], capture_output=True, text=True
