@@ -41,7 +41,14 @@ from tests.conftest import needs_fuse, needs_tool, require_loop_device
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RUN = ("guide.md", "errors.md")
-MINE = (*RUN, "dev-storage.md", "dev-concurrency.md", "dev-caching.md", "dev-pool.md")
+MINE = (
+    *RUN,
+    "dev-storage.md",
+    "dev-concurrency.md",
+    "dev-caching.md",
+    "dev-pool.md",
+    "dev-serve.md",
+)
 
 INFO_STRINGS = {"sh", "console", "text", "json"}
 NOT_RUNNABLE = {
