@@ -2,7 +2,11 @@
 
 Run as root on Debian 12 after the README set-up::
 
-    .venv/bin/python contrib/bench.py [--quick] [--size 4G] [--runs 3]
+    .venv/bin/python contrib/bench.py [--quick] [--size 4G] [--runs 3] [--no-pool]
+    .venv/bin/python contrib/bench.py --pool [--quick] [--pool-size 1G] [--runs 3]
+
+``--pool`` runs only the pool section (see below); a full run includes it
+(1-1.5 minutes more, most of it setting up the 1 GiB disk) unless ``--no-pool``.
 
 It measures the vdifs that ``.venv`` imports (the checkout).  To pin a copy
 while the checkout changes, run it from another directory with the copy first
@@ -100,6 +104,64 @@ Ratios (the RESULT line)
     even at a lower MB/s), vhd_vs_qemu_img_convert, raw_vs_page_cache,
     rand_vs_qsd; then size_mib, runs and the vdifs MB/s medians.
 
+The pool section
+    vdifs reading a XAPI pool's VDI over NBD (``--sr xapi://...``), against
+    libnbd's ``nbdcopy`` reading the same export.  The pool is the test
+    suite's fake (tests/pool/fakepool: XAPI's XML-RPC over HTTPS, and nbdkit
+    with TLS, a Python plugin and no structured replies, like xapi-nbd)
+    running on this host, so the network is loopback and both paths share
+    the server's costs; it needs nbdkit and nbdkit-plugin-python, libnbd-bin
+    (nbdcopy, nbdinfo), qemu-img and the test extra (trustme), else the
+    section is skipped with what is missing and its ratios print n/a.
+
+    Two fake pools: one serves NBD reads at once, the other delays each by
+    20 ms (nbdkit's delay filter, ``delay-read``).  On each, a VDI is filled
+    with random bytes in every block (fully allocated: full.vhd is the disk
+    plus 0.03 % of VHD metadata, so both tools carry the same bytes) and
+    snapshotted; the pool is mounted with the same ``--mount-options``.  The
+    undelayed disk is ``--pool-size`` (1 GiB; ``--quick``: 256 MiB); the
+    delayed one 128 MiB per CPU, at least 256 MiB and at most 512 MiB: nbdcopy
+    gives each of its threads (one per CPU) 128 MiB of work at a time and opens
+    one connection per thread at most, so on a 128 MiB disk it reads through
+    one connection whatever --connections says (measured: 4 connections of one
+    2 MiB request each read 84 MB/s at 20 ms on 128 MiB, 298 MB/s on 512).  Before
+    timing, the snapshot's raw.img must hash (sha256) like the fake's disk
+    file, full.vhd must be at least the disk's size, ``qemu-img compare``
+    must find the disk in full.vhd (not with --quick), ``nbdinfo`` must show
+    an export without structured replies (no block status: nbdcopy reads
+    every byte, none is skipped as a hole), and the bytes nbdcopy streams to
+    a pipe must hash like the disk.
+
+    Measured, each round, MB/s of the bytes each tool read (dd's own count
+    of full.vhd's bytes; the export's size for nbdcopy), process start and
+    NBD/TLS connection set-up included for both (vdifs' daemon keeps its
+    connections open between reads, as a mounted pool does):
+      * ``dd bs=1M`` of the snapshot's full.vhd in the vdifs mount, its
+        page cache evicted first like every path above (vdifs keeps only
+        a 32 MiB cache of NBD segments, which a sequential read of a larger
+        disk evicts before it comes back to them);
+      * ``nbdcopy URI null:`` with its defaults (up to 4 connections, one
+        per CPU, 64 requests of 256 KiB in flight on each);
+      * at 20 ms only: ``nbdcopy --connections=1 --requests=1
+        --request-size=2097152``, a client with one request in flight at a
+        time, given vdifs' own 2 MiB segment as its request size (larger
+        requests pay the delay fewer times).
+    The backing disk files are re-read into the page cache at the start of
+    each round.  The 0 ms and the 20 ms paths are two groups, rotated and
+    alternated like the others.
+
+    pool_vhd_vs_nbdcopy               vdifs full.vhd MB/s / nbdcopy MB/s, 0 ms
+    pool_client_vs_nbdcopy            vdifs's NBD client alone (one connection, no FUSE)
+                                      / nbdcopy, 0 ms: the floor of Python's TLS reads
+                                      (target >= 0.8)
+    pool_vhd_vs_nbdcopy_20ms          the same at 20 ms
+    pool_vhd_vs_one_connection_20ms   vdifs full.vhd MB/s / the one-request
+                                      nbdcopy MB/s, 20 ms (target >= 4)
+    pool_rss_mib                      the largest VmHWM of the pool mounts' daemons
+    The report prints each pool ratio's spread (min-max) and per-round values
+    next to its median; the RESULT line adds the pool's disk sizes and MB/s
+    medians.  rss_mib above stays the local section's.
+
 Whatever happens (an error, Ctrl-C, SIGTERM) every mount is unmounted, the
 daemons started here are stopped and the temporary directory is removed.
 """
@@ -109,8 +171,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -124,6 +188,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit
 
 MIB = 1 << 20
 BLOCK = 2 * MIB
@@ -148,6 +214,19 @@ PEER_PACKAGES = {
     "qemu-storage-daemon": "qemu-system-common",
     "qemu-img": "qemu-utils",
 }
+# The pool section: the fake pool's NBD server, nbdcopy, and qemu-img (which makes
+# the VHD heads the fake's /export_raw_vdi sends).
+POOL_PACKAGES = {"nbdkit": "nbdkit", "nbdcopy": "libnbd-bin", "nbdinfo": "libnbd-bin",
+                 "qemu-img": "qemu-utils"}  # fmt: skip
+POOL_DISK = 1 << 30  # --pool-size: the disk read without delay (--quick: 256 MiB)
+POOL_DISK_QUICK = 256 * MIB
+# The disk read with DELAY_MS of NBD read delay: 128 MiB per connection nbdcopy's defaults
+# open here (see the docstring), else it reads through fewer.
+DELAY_DISK = 128 * MIB * min(4, max(2, os.cpu_count() or 2))
+DELAY_MS = 20
+ONE_REQUEST = 2 * MIB  # the one-connection peer's request size: vdifs' segment size
+NBD_TARGETS: dict[str, Any] = {}  # snapshot uuid -> NbdTarget, for the client-alone probe
+POOL_TARGETS = {"pool_vhd_vs_nbdcopy": ">= 0.8", "pool_vhd_vs_one_connection_20ms": ">= 4"}
 
 T0 = time.monotonic()
 
@@ -165,9 +244,9 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def run(cmd: list[str]) -> str:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> str:
     """Run a command, return its stdout; raise with its stderr on failure."""
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: exit {result.returncode}: {result.stderr.strip()}")
     return str(result.stdout)
@@ -337,7 +416,7 @@ def write_changes(path: Path, size: int, rng: random.Random, data: DataSource) -
 
 @dataclass
 class VdifsMount:
-    sr: Path
+    sr: Path | list[str]
     mountpoint: Path
     pid: int
 
@@ -350,10 +429,16 @@ class Resources:
     vdifs_mounts: list[VdifsMount] = field(default_factory=list)
     fuse_mounts: list[Path] = field(default_factory=list)  # xmount
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)  # qsd
+    pools: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # fake pools
 
-    def mount_vdifs(self, sr: Path, mountpoint: Path) -> VdifsMount:
+    def mount_vdifs(
+        self, sr: Path | list[str], mountpoint: Path, env: dict[str, str] | None = None
+    ) -> VdifsMount:
+        """Mount an SR directory, or a pool given as its global options (``--sr xapi://...``,
+        ``--ca``, ``--password-file``)."""
         mountpoint.mkdir(parents=True, exist_ok=True)
-        run([VDIFS, "--sr", str(sr), "mount", str(mountpoint), *MOUNT_OPTIONS])
+        options = sr if isinstance(sr, list) else ["--sr", str(sr)]
+        run([VDIFS, *options, "mount", str(mountpoint), *MOUNT_OPTIONS], env)
         pid = daemon_pid(mountpoint)
         mount = VdifsMount(sr, mountpoint, pid)
         self.vdifs_mounts.append(mount)
@@ -428,6 +513,10 @@ class Resources:
                 subprocess.run(["fusermount3", "-u", "-z", str(mount.mountpoint)], check=False)
                 if alive(mount.pid):
                     os.kill(mount.pid, signal.SIGKILL)
+        try:  # after the vdifs mounts of the pools: their daemons exit cleanly
+            self.pools.close()
+        except Exception as exc:  # keep cleaning up
+            say(f"stopping the fake pools: {exc}")
         for path in self.workdir.rglob("*"):
             # A file export left mounted would make rmtree fail.
             if mounted(path):
@@ -572,6 +661,123 @@ def qemu_img_restore_mbps(src: Path, src_fmt: str, dst: Path, virtual_size: int)
     return virtual_size / seconds / MB
 
 
+# -- the pool section -------------------------------------------------------------------
+
+
+def fakepool_module() -> Any:
+    """tests.pool.fakepool from the checkout (it needs trustme, from the test extra)."""
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))  # last: a pinned vdifs first on PYTHONPATH still wins
+    from tests.pool import fakepool
+
+    return fakepool
+
+
+def pool_missing() -> list[str]:
+    """What the pool section lacks to run here (empty: it can run)."""
+    missing = [
+        f"{tool} (apt-get install {package})"
+        for tool, package in POOL_PACKAGES.items()
+        if shutil.which(tool) is None
+    ]
+    plugin = ["nbdkit", "python", "--version"]
+    if shutil.which("nbdkit") and subprocess.run(plugin, capture_output=True).returncode:
+        missing.append("nbdkit's python plugin (apt-get install nbdkit-plugin-python)")
+    try:
+        fakepool_module()
+    except ImportError as exc:
+        missing.append(f"the fake pool: {exc} (pip install -e '.[test]')")
+    return missing
+
+
+def dd_counted_mbps(path: Path) -> float:
+    """``dd bs=1M`` of a file, cache evicted first: MB/s of the bytes dd reports it read."""
+    evict(path)
+    start = time.perf_counter()
+    result = subprocess.run(
+        ["dd", f"if={path}", "of=/dev/null", "bs=1M"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    seconds = time.perf_counter() - start
+    copied = re.search(r"^(\d+) bytes", result.stderr, re.MULTILINE)
+    if result.returncode or copied is None:
+        raise RuntimeError(f"dd of {path}: exit {result.returncode}: {result.stderr.strip()}")
+    if int(copied[1]) != path.stat().st_size:
+        raise RuntimeError(f"dd read {copied[1]} bytes of {path}, not {path.stat().st_size}")
+    return int(copied[1]) / seconds / MB
+
+
+def nbdcopy_mbps(uri: str, size: int, *options: str) -> float:
+    """``nbdcopy URI null:``: MB/s of the export's bytes.  The fake's NBD server, like
+    xapi-nbd, has no structured replies, hence no block status: nbdcopy reads every
+    byte (checked once by PoolDisk.check)."""
+    return size / timed(["nbdcopy", *options, uri, "null:"]) / MB
+
+
+def nbd_client_mbps(target: Any, size: int) -> float:
+    """vdifs's own NBD client alone (``vdifs.storage.xapi.nbd``), one connection, one
+    2 MiB request at a time, no FUSE, no cache: the floor of the pool's read path in
+    Python (TLS records are read one ``SSL_read`` at a time, under the GIL)."""
+    from vdifs.storage.xapi.nbd import NbdConnection
+
+    buf = memoryview(bytearray(ONE_REQUEST))
+    start = time.perf_counter()
+    with NbdConnection(target) as conn:
+        for offset in range(0, size - size % ONE_REQUEST, ONE_REQUEST):
+            conn.read_into(offset, buf)
+    return (size - size % ONE_REQUEST) / (time.perf_counter() - start) / MB
+
+
+@dataclass
+class PoolDisk:
+    """A snapshot of a fully allocated VDI on a fake pool: mounted by vdifs, and the
+    NBD export nbdcopy reads."""
+
+    delay_ms: int
+    size: int
+    snapshot: str
+    disk: Path  # the fake's file of the snapshot: what its nbdkit serves
+    mount: VdifsMount
+    uri: str = field(repr=False)  # carries a session id
+
+    @property
+    def vhd(self) -> Path:
+        return self.mount.mountpoint / "vdis" / self.snapshot / "full.vhd"
+
+    @property
+    def raw_img(self) -> Path:
+        return self.mount.mountpoint / "vdis" / self.snapshot / "raw.img"
+
+    def check(self, compare: bool) -> None:
+        """Every path reads the snapshot's bytes, and nbdcopy reads all of them."""
+        say(f"checking the {self.delay_ms} ms pool's snapshot: raw.img, full.vhd, nbdcopy")
+        expected = sha256_file(self.disk)
+        if sha256_file(self.raw_img) != expected:
+            raise RuntimeError(f"{self.raw_img} differs from the fake's disk: wrong bytes")
+        if self.vhd.stat().st_size < self.size:
+            raise RuntimeError(f"{self.vhd} is smaller than the disk: not every block carried")
+        if compare:
+            run(["qemu-img", "compare", "-f", "vpc", "-F", "raw", str(self.vhd), str(self.disk)])
+        info = json.loads(run(["nbdinfo", "--json", self.uri]))
+        export = info["exports"][0]
+        if info["structured"] or export["export-size"] != self.size:
+            raise RuntimeError(f"unexpected NBD export: {json.dumps(info)}")
+        if not export["can_multi_conn"]:
+            raise RuntimeError("the NBD export does not allow multi-conn: nbdcopy uses one")
+        digest, count = hashlib.sha256(), 0
+        cmd = ["nbdcopy", f"--request-size={ONE_REQUEST}", self.uri, "-"]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE) as proc:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(4 * MIB):
+                digest.update(chunk)
+                count += len(chunk)
+        if proc.returncode or count != self.size or digest.hexdigest() != expected:
+            raise RuntimeError(f"nbdcopy read {count} bytes, exit {proc.returncode}, other bytes")
+
+
 # -- the benchmark ----------------------------------------------------------------------
 
 
@@ -588,6 +794,11 @@ class Bench:
         self.rss: dict[str, list[float]] = {}
         self.changed_bytes = 0
         self.load: list[float] = []
+        self.local: bool = not args.pool  # the local-SR section (everything but the pool)
+        self.pool: bool = args.pool or not args.no_pool  # the pool section
+        self.pool_size: int = args.pool_size
+        self.pool_disks: list[PoolDisk] = []  # DELAY_MS = 0, then DELAY_MS
+        self.spreads: dict[str, list[float]] = {}  # per-round values of the pool's ratios
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -595,6 +806,15 @@ class Bench:
         return run([VDIFS, "--sr", str(sr), *args]).strip()
 
     def build(self) -> None:
+        if self.pool and (missing := pool_missing()):
+            say(f"the pool section is skipped (its ratios print n/a): no {', '.join(missing)}")
+            self.pool = False
+        if self.local:
+            self.build_local()
+        if self.pool:
+            self.build_pool()
+
+    def build_local(self) -> None:
         rng = random.Random(SEED)
         self.raw = self.work / "disk.raw"
         self.sr = self.work / "sr"
@@ -668,6 +888,62 @@ class Bench:
             self.res.start_qsd(self.raw, "raw", self.qsd_raw)
             self.res.start_qsd(self.qcow2_copy, "qcow2", self.qsd_qcow2)
 
+    def build_pool(self) -> None:
+        """Two fake pools (NBD reads undelayed, and delayed by DELAY_MS), a snapshot of
+        a fully allocated VDI on each, each pool mounted by vdifs; checked once."""
+        fakepool = fakepool_module()
+        for delay_ms, size in ((0, self.pool_size), (DELAY_MS, DELAY_DISK)):
+            say(f"a fake pool with {delay_ms} ms of NBD read delay, a {size / MIB:.0f} MiB VDI")
+            state = self.work / f"pool-{delay_ms}ms"
+            info = self.res.pools.enter_context(fakepool.running_pool(state, delay_ms))
+            port = urlsplit(info.url).port
+            cli = ["--sr", f"xapi://{info.user}@127.0.0.1:{port}", "--ca", str(info.ca)]
+            cli += ["--password-file", str(state / "password")]
+            # A pool's daemon log, NBD scratch and import journal: in the fake's directory.
+            env = {**os.environ, "XDG_CACHE_HOME": str(state / "cache")}
+            env["XDG_STATE_HOME"] = str(state / "state")
+            vdi = run([VDIFS, *cli, "vdi", "create", "bench", "--size", str(size)], env).strip()
+            path = Path(info.control.disk_path(vdi))
+            if path.stat().st_size != size:
+                raise RuntimeError(f"the fake made a {path.stat().st_size}-byte disk, not {size}")
+            rng = random.Random(SEED + delay_ms)
+            with open(path, "r+b") as f:  # what a guest wrote: every block, random bytes
+                for offset in range(0, size, 4 * MIB):
+                    f.write(rng.randbytes(min(4 * MIB, size - offset)))
+            info.control.bump(vdi)
+            snapshot = run([VDIFS, *cli, "vdi", "snapshot", vdi], env).strip()
+            mount = self.res.mount_vdifs(cli, self.work / f"mnt-pool-{delay_ms}ms", env)
+            disk = PoolDisk(
+                delay_ms, size, snapshot, Path(info.control.disk_path(snapshot)), mount,
+                self.nbd_uri(fakepool, info, snapshot, state / "pinned"),
+            )  # fmt: skip
+            wait_until(disk.vhd.exists, f"{snapshot} to appear in the pool mount")
+            disk.check(compare=not self.quick)
+            self.pool_disks.append(disk)
+
+    @staticmethod
+    def nbd_uri(fakepool: Any, info: Any, snapshot: str, pinned: Path) -> str:
+        """nbdcopy's URI of a VDI's export, as ``VDI.get_nbd_info`` describes it (a
+        session of its own; the host's certificate pinned as ca-cert.pem)."""
+        proxy = info.proxy()
+
+        def value(result: dict[str, Any]) -> Any:
+            if result["Status"] != "Success":
+                raise RuntimeError(f"XenAPI: {result['ErrorDescription']}")
+            return result["Value"]
+
+        session = value(proxy.session.login_with_password(info.user, info.password, "1.0", ""))
+        ref = value(proxy.VDI.get_by_uuid(session, snapshot))
+        nbd = value(proxy.VDI.get_nbd_info(session, ref))[0]
+        pinned.mkdir(exist_ok=True)
+        (pinned / "ca-cert.pem").write_text(nbd["cert"])
+        from vdifs.storage.xapi.nbd import NbdTarget
+
+        NBD_TARGETS[snapshot] = NbdTarget(
+            nbd["address"], int(nbd["port"]), nbd["exportname"], nbd["cert"], nbd["subject"]
+        )
+        return str(fakepool.nbd_uri(nbd["address"], nbd["port"], nbd["exportname"], pinned))
+
     # -- the paths ---------------------------------------------------------------------
 
     def probe(
@@ -694,6 +970,12 @@ class Bench:
         A group runs back to back, so that a ratio compares two measurements
         taken moments apart even when other processes load the machine.
         """
+        if self.local:
+            self.define_local_probes()
+        if self.pool:
+            self.define_pool_probes()
+
+    def define_local_probes(self) -> None:
         f, out = self.f, self.work / "qemu-img.out"
         kib = f"{RANDOM_READ_SIZE // 1024} KiB"
         qsd, qi = "qemu-storage-daemon", "qemu-img"
@@ -741,6 +1023,25 @@ class Bench:
                         partial(qemu_img_restore_mbps, self.qcow2_copy, "qcow2", out, self.size)),
         ]  # fmt: skip
 
+    def define_pool_probes(self) -> None:
+        fast, slow = self.pool_disks
+        one = ["--connections=1", "--requests=1", f"--request-size={ONE_REQUEST}"]
+        ms = f"{DELAY_MS} ms"
+        self.groups += [
+            self.probe("pool_vhd", "vdifs pool full.vhd, 0 ms", "MB/s",
+                       partial(dd_counted_mbps, fast.vhd))
+            + self.probe("pool_nbdcopy", "nbdcopy of the export to null:, 0 ms", "MB/s",
+                         partial(nbdcopy_mbps, fast.uri, fast.size))
+            + self.probe("pool_client", "vdifs NBD client alone, 1 conn, 2 MiB, 0 ms", "MB/s",
+                         partial(nbd_client_mbps, NBD_TARGETS[fast.snapshot], fast.size)),
+            self.probe("pool_vhd_20ms", f"vdifs pool full.vhd, {ms}", "MB/s",
+                       partial(dd_counted_mbps, slow.vhd))
+            + self.probe("pool_nbdcopy_20ms", f"nbdcopy of the export to null:, {ms}", "MB/s",
+                         partial(nbdcopy_mbps, slow.uri, slow.size))
+            + self.probe("pool_one_20ms", f"nbdcopy, 1 connection, 1 request of 2 MiB, {ms}",
+                         "MB/s", partial(nbdcopy_mbps, slow.uri, slow.size, *one)),
+        ]  # fmt: skip
+
     def ls_lr(self) -> float:
         mount = self.res.mount_vdifs(self.small_sr, self.work / "mnt-1000")
         try:
@@ -776,8 +1077,10 @@ class Bench:
     # -- rounds, ratios and the report ---------------------------------------------------
 
     def measure(self) -> None:
-        backing = [*sorted((self.sr / "packs").glob("*.pack")), self.raw]
-        backing += [self.vhd_copy, self.qcow2_copy]
+        backing = [d.disk for d in self.pool_disks]  # what the fake pools' nbdkit read
+        if self.local:
+            backing += [*sorted((self.sr / "packs").glob("*.pack")), self.raw]
+            backing += [self.vhd_copy, self.qcow2_copy]
         self.load = [os.getloadavg()[0]]
         if self.load[0] > 0.5:
             say(f"warning: load average {self.load[0]:.2f}: other processes compete for the CPUs")
@@ -788,7 +1091,10 @@ class Bench:
             for group in self.groups[shift:] + self.groups[:shift]:
                 for probe in group if round_no % 2 == 0 else reversed(group):
                     self.run_probe(probe, round_no)
-        self.rss["main"] = [vm_hwm_mib(self.mount.pid)]
+        if self.local:
+            self.rss["main"] = [vm_hwm_mib(self.mount.pid)]
+        for disk in self.pool_disks:
+            self.rss[f"pool {disk.delay_ms} ms"] = [vm_hwm_mib(disk.mount.pid)]
         self.load.append(os.getloadavg()[0])
 
     def run_probe(self, probe: Probe, round_no: int) -> None:
@@ -807,6 +1113,14 @@ class Bench:
         a, b = self.probes[mine].values, self.probes[theirs].values
         return self.per_round(lambda i: a[i] / b[i])
 
+    def spread_ratio(self, key: str, mine: str, theirs: str) -> float | None:
+        """``ratio``, keeping the per-round values for the report (``self.spreads``)."""
+        if mine not in self.probes or theirs not in self.probes:
+            return None
+        a, b = self.probes[mine].values, self.probes[theirs].values
+        self.spreads[key] = [a[i] / b[i] for i in range(self.runs)]
+        return statistics.median(self.spreads[key])
+
     def delta_cost(self, key: str) -> float:
         """Median over rounds of: time to read the delta / its payload at raw.img speed."""
         raw, delta = self.probes["raw"].values, self.probes[key].values
@@ -818,6 +1132,25 @@ class Bench:
         return self.per_round(cost)
 
     def ratios(self) -> dict[str, float | None]:
+        """The local section's ratios, then the pool section's (n/a when it was skipped)."""
+        ratios = self.local_ratios() if self.local else {}
+        return ratios | self.pool_ratios()
+
+    def pool_ratios(self) -> dict[str, float | None]:
+        pool_rss = [v for k, values in self.rss.items() if k.startswith("pool") for v in values]
+        return {
+            "pool_vhd_vs_nbdcopy": self.spread_ratio("pool_vhd_vs_nbdcopy", "pool_vhd",
+                                                     "pool_nbdcopy"),
+            "pool_vhd_vs_nbdcopy_20ms": self.spread_ratio("pool_vhd_vs_nbdcopy_20ms",
+                                                          "pool_vhd_20ms", "pool_nbdcopy_20ms"),
+            "pool_vhd_vs_one_connection_20ms": self.spread_ratio(
+                "pool_vhd_vs_one_connection_20ms", "pool_vhd_20ms", "pool_one_20ms"),
+            "pool_client_vs_nbdcopy": self.spread_ratio(
+                "pool_client_vs_nbdcopy", "pool_client", "pool_nbdcopy"),
+            "pool_rss_mib": max(pool_rss) if pool_rss else None,
+        }  # fmt: skip
+
+    def local_ratios(self) -> dict[str, float | None]:
         xmount_wall = None
         if "xmount" in self.probes:
             size_ratio = self.xmount_vhd.stat().st_size / self.f["vhd"].stat().st_size
@@ -837,28 +1170,41 @@ class Bench:
             "vhd_vs_qemu_img_convert": self.ratio("vhd", "qi_vpc"),
             "raw_vs_page_cache": self.ratio("raw", "cache"),
             "rand_vs_qsd": self.ratio("rand", "qsd_rand"),
-            "rss_mib": max(max(v) for v in self.rss.values()),
+            "rss_mib": max(max(v) for k, v in self.rss.items() if not k.startswith("pool")),
             "ls_lr_1000_s": self.probes["ls"].median,
         }
 
     def report(self) -> None:
         ratios = self.ratios()
         print()
+        disk = f"disk {self.size / MIB:.0f} MiB, " if self.local else ""
         print(
-            f"vdifs benchmark: disk {self.size / MIB:.0f} MiB, {self.runs} runs, "
+            f"vdifs benchmark: {disk}{self.runs} runs, "
             f"{os.cpu_count()} CPUs, kernel {os.uname().release}, "
             f"load average {self.load[0]:.2f} before / {self.load[1]:.2f} after"
         )
-        print(f"vdifs code: {code_version()}")
-        print(
-            f"S2 changed {self.changed_bytes / MIB:.1f} MiB; delta-from/S1.vhd is "
-            f"{self.f['delta_vhd'].stat().st_size / MIB:.1f} MiB, full.vhd "
-            f"{self.f['vhd'].stat().st_size / MIB:.1f} MiB"
-        )
+        print(f"vdifs code: {code_version()}; mount options: {' '.join(MOUNT_OPTIONS) or 'none'}")
+        if self.local:
+            print(
+                f"S2 changed {self.changed_bytes / MIB:.1f} MiB; delta-from/S1.vhd is "
+                f"{self.f['delta_vhd'].stat().st_size / MIB:.1f} MiB, full.vhd "
+                f"{self.f['vhd'].stat().st_size / MIB:.1f} MiB"
+            )
+        for d in self.pool_disks:
+            print(
+                f"pool, {d.delay_ms} ms NBD read delay: a fully allocated {d.size / MIB:.0f} MiB "
+                f"snapshot, full.vhd {d.vhd.stat().st_size / MIB:.2f} MiB"
+            )
         print()
-        print("ratios (median of per-round ratios):")
+        print("ratios (median of per-round ratios; the pool's: min-max and each round):")
+        width = max(len(key) for key in ratios)
         for key, value in ratios.items():
-            print(f"  {key:26} {fmt_value(value)}")
+            line = f"  {key:{width}} {fmt_value(value)}"
+            if values := self.spreads.get(key):
+                target = f"target {POOL_TARGETS[key]}" if key in POOL_TARGETS else ""
+                line = f"{line:{width + 10}} {target:14} min-max {min(values):.3f}-"
+                line += f"{max(values):.3f}, rounds " + " ".join(f"{v:.3f}" for v in values)
+            print(line)
         print()
         width = max(len(p.label) for p in self.probes.values())
         print(f"{'path':{width}}  {'median':>10}  unit  runs")
@@ -870,13 +1216,21 @@ class Bench:
             runs = " ".join(f"{v:.4g}" for v in values)
             print(f"{label:{width}}  {max(values):10.4g}  MiB   {runs}")
         print()
-        extras = {
-            "size_mib": self.size / MIB,
-            "runs": self.runs,
-            "raw_mbps": self.probes["raw"].median,
-            "vhd_mbps": self.probes["vhd"].median,
-            "qcow2_mbps": self.probes["qcow2"].median,
+        extras: dict[str, float | int | None] = {"size_mib": self.size / MIB} if self.local else {}
+        extras["runs"] = self.runs
+        if self.local:
+            extras |= {
+                "raw_mbps": self.probes["raw"].median,
+                "vhd_mbps": self.probes["vhd"].median,
+                "qcow2_mbps": self.probes["qcow2"].median,
+            }
+        extras |= {
+            "pool_size_mib": self.pool_size / MIB if self.pool else None,
+            "pool_delay_size_mib": DELAY_DISK / MIB if self.pool else None,
         }
+        for key in ("pool_vhd", "pool_nbdcopy", "pool_vhd_20ms", "pool_nbdcopy_20ms",
+                    "pool_one_20ms"):  # fmt: skip
+            extras[f"{key}_mbps"] = self.probes[key].median if key in self.probes else None
         fields = {**ratios, **extras}
         print("RESULT " + " ".join(f"{k}={fmt_value(v)}" for k, v in fields.items()))
 
@@ -904,7 +1258,9 @@ def fmt_value(value: float | int | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 512 MiB disk (under a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller disks: 512 MiB, the pool's 256 MiB"
+    )
     parser.add_argument(
         "--mount-options",
         default="direct_io",
@@ -912,6 +1268,12 @@ def main() -> int:
     )
     parser.add_argument("--size", default=None, help="virtual disk size, e.g. 4G (default 4G)")
     parser.add_argument("--runs", type=int, default=3, help="rounds; medians are reported")
+    sections = parser.add_mutually_exclusive_group()
+    sections.add_argument("--pool", action="store_true", help="the pool section only")
+    sections.add_argument("--no-pool", action="store_true", help="skip the pool section")
+    parser.add_argument(
+        "--pool-size", default=None, help="the pool's undelayed disk (default 1G; --quick 256M)"
+    )
     args = parser.parse_args()
     if args.mount_options:
         MOUNT_OPTIONS[:] = ["-o", args.mount_options]
@@ -919,6 +1281,10 @@ def main() -> int:
     args.size = parse_size(size_text)
     if args.size <= 0 or args.size % BLOCK:
         parser.error("--size must be a positive multiple of 2 MiB")
+    default_pool_size = POOL_DISK_QUICK if args.quick else POOL_DISK
+    args.pool_size = parse_size(args.pool_size) if args.pool_size else default_pool_size
+    if args.pool_size <= 0 or args.pool_size % BLOCK:
+        parser.error("--pool-size must be a positive multiple of 2 MiB")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if os.geteuid() != 0:
@@ -926,6 +1292,8 @@ def main() -> int:
     for tool in ("dd", "cp", "ls", "sha256sum", "fusermount3"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is missing")
+    if args.pool and (missing := pool_missing()):
+        parser.error(f"the pool section needs {', '.join(missing)}")
 
     workdir = Path(tempfile.mkdtemp(prefix="vdifs-bench-"))
     res = Resources(workdir)

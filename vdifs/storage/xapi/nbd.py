@@ -570,13 +570,50 @@ class NbdReader:
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Reads ``len(buf)`` bytes at ``offset`` (any alignment, within ``size``)."""
+        view, first, last, sequential = self._start(offset, buf)
+        ahead = last + (self._readahead if sequential else 0)
+        for idx in range(first, last + 1):
+            self._schedule(idx + 1, min(ahead, idx + self._window))
+            data = self._get(idx)
+            assert data is not None
+            self._copy(idx, data, offset, view)
+
+    def read_cached(self, offset: int, buf: memoryview) -> bool:
+        """Like :meth:`read_into` if every segment needed is cached (read-ahead put
+        it there), at once and without blocking; False, having read nothing, if not.
+
+        An event loop serves in-order reads this way, leaving it only for misses."""
+        view = memoryview(buf).cast("B")
+        n, seg = len(view), self._segment
+        if not n or offset < 0 or offset + n > self.size:
+            return False
+        first, last = offset // seg, (offset + n - 1) // seg
+        with self._lock:
+            if self._closed:
+                return False
+            segments = []
+            for idx in range(first, last + 1):
+                data = self._cache.get(idx)
+                if data is None or self._expired(idx):
+                    return False
+                segments.append(data)
+            for idx in range(first, last + 1):
+                self._cache.move_to_end(idx)
+                self._hit(idx)
+        sequential = self._start(offset, view)[3]
+        ahead = last + (self._readahead if sequential else 0)
+        self._schedule(last + 1, min(ahead, last + self._window))
+        for idx, data in zip(range(first, last + 1), segments, strict=True):
+            self._copy(idx, data, offset, view)
+        return True
+
+    def _start(self, offset: int, buf: memoryview) -> tuple[memoryview, int, int, bool]:
+        """Checks and counts a read; whether it continues an earlier one (in order)."""
         view = memoryview(buf).cast("B")
         n, seg = len(view), self._segment
         if offset < 0 or offset + n > self.size:
             raise ValueError(f"read of {n} bytes at {offset}: past the size {self.size}")
-        if not n:
-            return
-        first, last = offset // seg, (offset + n - 1) // seg
+        first, last = offset // seg, (offset + max(n, 1) - 1) // seg
         with self._lock:
             if self._closed:
                 raise NbdError(errno.EIO, "the NBD reader is closed")
@@ -585,16 +622,14 @@ class NbdReader:
             # Sequential: starts where a recent read ended, or in the segment after.
             sequential = any(end <= offset < (end // seg + 2) * seg for end in self._ends)
             self._ends.append(offset + n)
-        ahead = last + (self._readahead if sequential else 0)
-        for idx in range(first, last + 1):
-            self._schedule(idx + 1, min(ahead, idx + self._window))
-            data = self._get(idx)
-            assert data is not None
-            start = idx * seg
-            lo, hi = max(offset, start), min(offset + n, start + seg)
-            mid = max(lo, min(hi, start + len(data)))  # past what NBD can read: zeros
-            view[lo - offset : mid - offset] = memoryview(data)[lo - start : mid - start]
-            view[mid - offset : hi - offset] = bytes(hi - mid)
+        return view, first, (last if n else first - 1), sequential
+
+    def _copy(self, idx: int, data: bytearray, offset: int, view: memoryview) -> None:
+        start, seg = idx * self._segment, self._segment
+        lo, hi = max(offset, start), min(offset + len(view), start + seg)
+        mid = max(lo, min(hi, start + len(data)))  # past what NBD can read: zeros
+        view[lo - offset : mid - offset] = memoryview(data)[lo - start : mid - start]
+        view[mid - offset : hi - offset] = bytes(hi - mid)
 
     def close(self) -> None:
         """Stops read-ahead and closes idle connections; busy ones close when done."""
