@@ -48,6 +48,7 @@ MINE = (
     "dev-caching.md",
     "dev-pool.md",
     "dev-serve.md",
+    "dev-volumes.md",
 )
 
 INFO_STRINGS = {"sh", "console", "text", "json"}
@@ -60,6 +61,8 @@ NOT_RUNNABLE = {
     r"^mount /mnt/vdifs$": "mounts through /etc/fstab (the helper is tested in test_mount)",
     r"^vgimportclone |^vgchange |^lvmdevices ": "LVM: lvm2 and device-mapper are not in CI",
     r"^u?mount .*/dev/restorevg/|^umount /mnt/restore$": "a logical volume (see above)",
+    r"^mount -o ro,loop /mnt/vdifs/vdis/<snapshot>/lvm/": "a guest with LVM (tested in"
+    " tests/test_volumes_mount.py)",
     r"^mount -t xfs ": "xfsprogs is not in CI: no XFS file system to mount",
     r"^xe ": "needs a XAPI pool (tests/pool runs the same steps against a fake pool)",
     r"--sr xapi://|/mnt/pool/|^export VDIFS_XAPI_PASSWORD=": "needs a XAPI pool (see above)",

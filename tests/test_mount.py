@@ -37,9 +37,13 @@ def test_tree_and_info_json(cli: Cli, mnt: Mount) -> None:
         "full.qcow2",
         "full.vhd",
         "info.json",
+        "lvm",
+        "partitions",
         "raw.img",
         "snapshots",
     ]
+    assert os.listdir(mnt.vdi(vdi) / "partitions") == ["table.json"]  # an empty disk
+    assert json.loads((mnt.vdi(vdi) / "partitions" / "table.json").read_text())["scheme"] == "none"
     info = json.loads((mnt.vdi(vdi) / "info.json").read_text())
     assert info["uuid"] == vdi and info["virtual_size"] == 10 << 20
     assert (mnt.vdi(vdi) / "raw.img").stat().st_size == 10 << 20

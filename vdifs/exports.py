@@ -62,7 +62,10 @@ class Export:
         state: DiskState,
         fmt: str,
         base: DiskState | None = None,
+        *,
+        view: Layout | None = None,
     ) -> None:
+        """``view``: a layout over the raw disk (a partition, a logical volume)."""
         if fmt not in FORMATS:
             raise InvalidArgument(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
         if not format_supports(fmt, state.record.virtual_size):
@@ -80,7 +83,7 @@ class Export:
         self.state = state
         self.fmt = fmt
         self.base = base
-        self.layout: Layout | None = None
+        self.layout: Layout | None = view
         if fmt != "raw":
             record = state.record
             if base is None:

@@ -75,6 +75,30 @@ class SnapshotsDir:
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionsDir:
+    """``vdis/<uuid>/partitions/``"""
+
+    uuid: str
+    view: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LvmDir:
+    """``vdis/<uuid>/lvm/``"""
+
+    uuid: str
+    view: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VgDir:
+    """``vdis/<uuid>/lvm/<vg>/``"""
+
+    uuid: str
+    vg: str
+
+
+@dataclass(frozen=True, slots=True)
 class VmDir:
     uuid: str
 
@@ -193,6 +217,45 @@ class DeltaImage:
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionImage:
+    """``partitions/p<N>.img``: the partition's bytes of raw.img."""
+
+    uuid: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class LvImage:
+    """``lvm/<vg>/<lv>.img``: a logical volume's bytes, through its extents."""
+
+    uuid: str
+    vg: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionTableFile:
+    """``partitions/table.json``"""
+
+    uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class LvmNotesFile:
+    """``lvm/notes.txt``: what was found and not mapped, and why."""
+
+    uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class VgMetadataFile:
+    """``lvm/<vg>/metadata.txt``: the volume group's metadata as found."""
+
+    uuid: str
+    vg: str
+
+
+@dataclass(frozen=True, slots=True)
 class UploadFile:
     """``import/<name>``"""
 
@@ -210,6 +273,9 @@ Dir = (
     | SnapshotView
     | DeltasDir
     | SnapshotsDir
+    | PartitionsDir
+    | LvmDir
+    | VgDir
     | VmDir
     | VmDisksDir
     | VmSnapshotsDir
@@ -217,8 +283,21 @@ Dir = (
     | VmSnapshotDisksDir
 )
 Link = NameLink | SnapshotLink | CurrentLink | VmDiskLink | VmSnapshotDiskLink | VmCurrentLink
-Generated = InfoFile | StatusFile | VmInfoFile | VmSnapshotInfoFile | VmSnapshotXml
-Image = RawImage | FullImage | DeltaImage
+Generated = (
+    InfoFile
+    | StatusFile
+    | VmInfoFile
+    | VmSnapshotInfoFile
+    | VmSnapshotXml
+    | PartitionTableFile
+    | LvmNotesFile
+    | VgMetadataFile
+)
+Volume = PartitionImage | LvImage
+Image = RawImage | FullImage | DeltaImage | PartitionImage | LvImage
+VolumeNode = (
+    PartitionsDir | LvmDir | VgDir | Volume | PartitionTableFile | LvmNotesFile | VgMetadataFile
+)
 Node = Dir | Link | Generated | Image | UploadFile
 
 ROOT = Root()

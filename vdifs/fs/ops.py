@@ -176,8 +176,9 @@ class VdifsOperations(pyfuse3.Operations):
         return entry
 
     async def _warm(self, nodes: list[Node]) -> None:
-        """Have a remote backend fetch the maps these nodes' attributes need, off the loop."""
-        if self.tree.sr.capabilities.remote and any(map(self.tree.needs_warming, nodes)):
+        """Read what these nodes' attributes need from the disks (partition tables, LVM
+        metadata) or a remote backend (maps), off the loop."""
+        if any(map(self.tree.needs_warming, nodes)):
             await trio.to_thread.run_sync(self.tree.warm_all, nodes, limiter=READS)
             await self._refresh()  # what the backend learnt may show in records
 
@@ -191,6 +192,7 @@ class VdifsOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text == ".":
             return self._entry(parent)
+        await self._warm([parent])  # a disk's partitions/ and lvm/ are read from it
         node = self.tree.lookup(parent, text)
         await self._warm([node])
         return self._entry(node)
@@ -289,6 +291,7 @@ class VdifsOperations(pyfuse3.Operations):
         # calls that continue it.
         node, entries = self._listings[fh]
         if start_id == 0 or not entries:
+            await self._warm([node])
             entries[:] = sorted(
                 (self._inode(child), name, child) for name, child in self.tree.children(node)
             )

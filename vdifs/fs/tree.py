@@ -25,6 +25,7 @@ from xml.sax.saxutils import escape
 
 from vdifs.errors import AlreadyExists, NotFound, ReadOnly, VdifsError
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
+from vdifs.formats.volume import VolumeLayout
 from vdifs.fs.nodes import (
     BY_NAME,
     IMPORT,
@@ -39,8 +40,14 @@ from vdifs.fs.nodes import (
     ImportDir,
     InfoFile,
     Link,
+    LvImage,
+    LvmDir,
+    LvmNotesFile,
     NameLink,
     Node,
+    PartitionImage,
+    PartitionsDir,
+    PartitionTableFile,
     RawImage,
     Root,
     SnapshotLink,
@@ -51,6 +58,8 @@ from vdifs.fs.nodes import (
     UploadFile,
     VdiDir,
     VdisDir,
+    VgDir,
+    VgMetadataFile,
     VmCurrentLink,
     VmDir,
     VmDiskLink,
@@ -63,10 +72,12 @@ from vdifs.fs.nodes import (
     VmSnapshotInfoFile,
     VmSnapshotsDir,
     VmSnapshotXml,
+    VolumeNode,
 )
 from vdifs.imports.uploads import Uploads
 from vdifs.model import VdiRecord, VmRecord, ceil_div, iso_to_unix
 from vdifs.storage.backend import Backend
+from vdifs.volumes import DiskVolumes, analyse
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +195,8 @@ class Tree:
         # Attributes of files, valid while the records they derive from are equal
         # (ls -lR: a layout and an info.json are built once per state, not per stat).
         self._file_attrs: dict[Node, tuple[tuple[VdiRecord, ...], Attr]] = {}
+        # Partitions and logical volumes found on a disk, per (uuid, generation).
+        self._volumes: dict[tuple[str, int], DiskVolumes] = {}
         self.uploads = Uploads(sr, read_only, mountpoint)
         self.refresh(force=True)
 
@@ -354,6 +367,12 @@ class Tree:
                 return _json(self.vm(uuid).to_json())
             case VmSnapshotXml(uuid):
                 return self.snapshot_xml(uuid)
+            case PartitionTableFile(uuid):
+                return self.volumes(uuid).table_json()
+            case LvmNotesFile(uuid):
+                return self.volumes(uuid).lvm_notes()
+            case VgMetadataFile(uuid, vg):
+                return self._group(uuid, vg).metadata_text.encode()
         raise NotFound(str(node))
 
     def snapshot_xml(self, uuid: str) -> bytes:
@@ -409,6 +428,19 @@ class Tree:
                     for fmt in IMAGE_FORMATS
                     if format_supports(fmt, size)
                 ]
+            case PartitionsDir(uuid):
+                found: list[tuple[str, Node]] = [("table.json", PartitionTableFile(uuid))]
+                files = self.volumes(uuid).partition_files()
+                return found + [(name, PartitionImage(uuid, name)) for name in files]
+            case LvmDir(uuid):
+                volumes = self.volumes(uuid)
+                found = [(vg, VgDir(uuid, vg)) for vg in sorted(volumes.groups)]
+                return found + ([("notes.txt", LvmNotesFile(uuid))] if volumes.lvm_notes() else [])
+            case VgDir(uuid, vg):
+                self._group(uuid, vg)
+                found = [("metadata.txt", VgMetadataFile(uuid, vg))]
+                lvs = self.volumes(uuid).volume_files(vg)
+                return found + [(name, LvImage(uuid, vg, name)) for name in sorted(lvs)]
             case SnapshotsDir(vdi):
                 out: list[tuple[str, Node]] = [
                     (n, SnapshotView(vdi, s) if self.snapshot_admin else SnapshotLink(vdi, s))
@@ -460,6 +492,7 @@ class Tree:
         if record.data_destroyed:
             return entries  # a checkpoint: no data, only what deltas need
         entries += [("delta-from", DeltasDir(uuid, view)), ("raw.img", RawImage(uuid))]
+        entries += [("partitions", PartitionsDir(uuid, view)), ("lvm", LvmDir(uuid, view))]
         for fmt in IMAGE_FORMATS:
             if format_supports(fmt, record.virtual_size):
                 entries.append((f"full.{fmt}", FullImage(uuid, fmt)))
@@ -527,6 +560,19 @@ class Tree:
                 return self.record(vdi).current in self.records
             case RawImage(uuid) | FullImage(uuid) | DeltasDir(uuid):
                 return not self.record(uuid).data_destroyed  # a checkpoint has no data
+            case PartitionsDir(uuid) | LvmDir(uuid) | PartitionTableFile(uuid):
+                return not self.record(uuid).data_destroyed
+            case LvmNotesFile(uuid):
+                return not self.record(uuid).data_destroyed and bool(self.volumes(uuid).lvm_notes())
+            case PartitionImage(uuid, name):
+                return not self.record(uuid).data_destroyed and (
+                    name in self.volumes(uuid).partition_files()
+                )
+            case VgDir(uuid, vg) | VgMetadataFile(uuid, vg):
+                return not self.record(uuid).data_destroyed and vg in self.volumes(uuid).groups
+            case LvImage(uuid, vg, name):
+                volumes = self.volumes(uuid)
+                return vg in volumes.groups and name in volumes.volume_files(vg)
             case DeltaImage(uuid, base):
                 return (
                     not self.record(uuid).data_destroyed
@@ -569,6 +615,12 @@ class Tree:
                 | VmSnapshotDisksDir()
             ):  # fmt: skip
                 return Attr(stat.S_IFDIR | 0o755, 0, self.changed_ns)
+            case PartitionsDir(uuid) | LvmDir(uuid) | VgDir(uuid):
+                return Attr(stat.S_IFDIR | 0o755, 0, self.record(uuid).changed_ns)
+            case PartitionTableFile(uuid) | LvmNotesFile(uuid) | VgMetadataFile(uuid):
+                return self._cached_attr(node, (self.record(uuid),), self._generated_attr)
+            case PartitionImage(uuid) | LvImage(uuid):
+                return self._cached_attr(node, (self.record(uuid),), self._image_attr)
             case (
                 NameLink() | SnapshotLink() | CurrentLink() | VmDiskLink()
                 | VmSnapshotDiskLink() | VmCurrentLink()
@@ -607,7 +659,7 @@ class Tree:
         return Attr(stat.S_IFREG | mode, len(self.generated(node)), self.changed_ns)
 
     def _image_attr(self, node: Node) -> Attr:
-        assert isinstance(node, RawImage | FullImage | DeltaImage)
+        assert isinstance(node, RawImage | FullImage | DeltaImage | PartitionImage | LvImage)
         record = self.record(node.uuid)
         writable = isinstance(node, RawImage) and not self._read_only(record)
         immutable = self.is_immutable(node)
@@ -620,12 +672,52 @@ class Tree:
             timeout=IMMUTABLE_TIMEOUT if immutable else MUTABLE_TIMEOUT,
         )
 
+    def volumes(self, uuid: str) -> DiskVolumes:
+        """The partitions and logical volumes of a VDI's current state (read from the
+        disk in a thread by :meth:`warm_all` first; here only if it was not)."""
+        found = self._volumes.get((uuid, self.record(uuid).generation))
+        if found is None:
+            log.debug("reading the partitions of %s on the event loop", uuid)
+            found = self._analyse(uuid)
+        return found
+
+    def _analyse(self, uuid: str) -> DiskVolumes:
+        """Read a disk's partition table and LVM metadata (blocking: off the loop)."""
+        record, content = self.sr.state(uuid, known=self.records[uuid])
+
+        def read_at(offset: int, length: int) -> bytes:
+            length = max(0, min(length, record.virtual_size - offset))
+            buf = bytearray(length)
+            self.sr.read_into(content, offset, memoryview(buf))
+            return bytes(buf)
+
+        found = analyse(read_at, record.virtual_size)
+        # Older states of this disk are not asked for again (open files pinned theirs).
+        for key in [k for k in self._volumes if k[0] == uuid]:
+            self._volumes.pop(key, None)
+        self._volumes[(uuid, record.generation)] = found
+        return found
+
+    def _group(self, uuid: str, vg: str) -> Any:
+        try:
+            return self.volumes(uuid).groups[vg]
+        except KeyError:
+            raise NotFound(f"no volume group {vg} on {uuid}") from None
+
     def _read_only(self, record: VdiRecord) -> bool:
         return self.read_only or record.is_a_snapshot or not self.sr.capabilities.live_writes
 
     def needs_warming(self, node: Node) -> bool:
-        """Whether ``node``'s attributes need a map the tree has not loaded
+        """Whether ``node``'s attributes need what the tree has not loaded: a disk's
+        partitions and volumes (read from the disk), or a remote backend's map
         (info.json too: reading a map can teach a backend more of the record)."""
+        if isinstance(node, VolumeNode):
+            record = self.records.get(node.uuid)
+            if record is None or record.data_destroyed:
+                return False
+            return (node.uuid, record.generation) not in self._volumes
+        if not self.sr.capabilities.remote:
+            return False
         match node:
             case RawImage(uuid) | FullImage(uuid) | InfoFile(uuid):
                 key: tuple[str, str, str | None] = (uuid, "raw", None)
@@ -651,6 +743,9 @@ class Tree:
         for node in nodes:
             if not self.needs_warming(node):
                 continue
+            if isinstance(node, VolumeNode):
+                self._analyse(node.uuid)
+                continue
             match node:
                 case RawImage(uuid) | FullImage(uuid) | InfoFile(uuid):
                     self.sr.state(uuid, known=self.records[uuid])
@@ -662,7 +757,7 @@ class Tree:
     def is_immutable(self, node: Node) -> bool:
         """Whether a file's bytes can never change (its page cache may be kept)."""
         match node:
-            case RawImage(uuid) | FullImage(uuid):
+            case RawImage(uuid) | FullImage(uuid) | PartitionImage(uuid) | LvImage(uuid):
                 return self.record(uuid).is_a_snapshot
             case DeltaImage(uuid, base):
                 return self.record(uuid).is_a_snapshot and self.record(base).is_a_snapshot
@@ -685,10 +780,25 @@ class Tree:
                 return self.export(uuid, fmt)
             case DeltaImage(uuid, base, fmt):
                 return self.export(uuid, fmt, base)
+            case PartitionImage(uuid, name):
+                volumes = self.volumes(uuid)
+                view = VolumeLayout(volumes.runs(volumes.partition_files()[name]))
+                return Export(self.sr, self.state(uuid), "raw", view=view)
+            case LvImage(uuid, vg, name):
+                volumes = self.volumes(uuid)
+                view = VolumeLayout(volumes.runs(volumes.volume_files(vg)[name]))
+                return Export(self.sr, self.state(uuid), "raw", view=view)
         raise NotFound(str(node))
 
     def inode_nodes_of(self, uuid: str) -> list[Node]:
         """Every node whose content depends on this VDI (for cache invalidation)."""
         nodes: list[Node] = [VdiDir(uuid), InfoFile(uuid), RawImage(uuid), DeltasDir(uuid)]
         nodes += [FullImage(uuid, fmt) for fmt in IMAGE_FORMATS]
+        nodes += [PartitionsDir(uuid), LvmDir(uuid), PartitionTableFile(uuid), LvmNotesFile(uuid)]
+        for (owner, _generation), volumes in list(self._volumes.items()):
+            if owner == uuid:
+                nodes += [PartitionImage(uuid, name) for name in volumes.partition_files()]
+                for vg in volumes.groups:
+                    nodes += [VgDir(uuid, vg), VgMetadataFile(uuid, vg)]
+                    nodes += [LvImage(uuid, vg, name) for name in volumes.volume_files(vg)]
         return nodes
