@@ -81,6 +81,8 @@ What is measured (MB = 10**6 bytes, medians over ``--runs`` rounds)
 
 Ratios (the RESULT line)
     vhd_vs_xmount       vdifs full.vhd MB/s / xmount vhd MB/s
+    https_vs_fuse_vhd   full.vhd by curl from ``vdifs serve`` (HTTPS) MB/s / the same
+                        file read through the FUSE mount MB/s
     raw_vs_qsd          vdifs raw.img MB/s / qemu-storage-daemon raw MB/s
     qcow2_vs_qsd        vdifs full.qcow2 MB/s / qemu-storage-daemon qcow2 MB/s
     delta_cost_ratio    time to read delta-from/S1.vhd, divided by the time
@@ -717,6 +719,11 @@ def nbdcopy_mbps(uri: str, size: int, *options: str) -> float:
     return size / timed(["nbdcopy", *options, uri, "null:"]) / MB
 
 
+def https_mbps(url: str, ca: Path, size: int) -> float:
+    """``curl`` of an export to /dev/null: MB/s of the file's bytes."""
+    return size / timed(["curl", "-sS", "--cacert", str(ca), "-o", "/dev/null", url]) / MB
+
+
 def nbd_client_mbps(target: Any, size: int) -> float:
     """vdifs's own NBD client alone (``vdifs.storage.xapi.nbd``), one connection, one
     2 MiB request at a time, no FUSE, no cache: the floor of the pool's read path in
@@ -876,12 +883,45 @@ class Bench:
         sr.close()
         say(f"created {SMALL_VDIS} VDIs in {time.perf_counter() - start:.1f} s")
 
+    def start_serve(self) -> None:
+        """``vdifs serve`` over HTTPS on the same SR, beside the mount: S2's full.vhd
+        by curl against the same file read through FUSE."""
+        import trustme
+
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(self.work / "serve-ca.pem"))
+        ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(
+            str(self.work / "serve.pem")
+        )
+        (self.work / "serve-tokens").write_text("bench-token\n")
+        log = open(self.work / "serve.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [VDIFS, "--sr", str(self.sr), "serve", "--listen", "127.0.0.1:0",
+             "--cert", str(self.work / "serve.pem"),
+             "--token-file", str(self.work / "serve-tokens")],
+            stdout=subprocess.PIPE, stderr=log,
+        )  # fmt: skip
+        self.res.processes.append(proc)
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().decode().split()[-1])
+        self.serve_url = (
+            f"https://localhost:{port}/export_raw_vdi?vdi={self.s2}&format=vhd"
+            "&session_id=bench-token"
+        )
+        run(["curl", "-sS", "--cacert", str(self.work / "serve-ca.pem"), self.serve_url,
+             "-o", str(self.work / "https.vhd")])  # fmt: skip
+        if sha256_file(self.work / "https.vhd") != self.vhd_sha:
+            raise RuntimeError("full.vhd over HTTPS differs from the mount's")
+        (self.work / "https.vhd").unlink()
+
     def start_peers(self) -> None:
         for name, present in self.peers.items():
             if not present:
                 say(f"{name} not found: apt-get install {PEER_PACKAGES[name]} (skipped; n/a)")
         if self.peers["xmount"]:
             self.xmount_vhd = self.res.start_xmount(self.raw, self.work / "xmount")
+        if shutil.which("curl"):
+            self.start_serve()
         if self.peers["qemu-storage-daemon"]:
             self.qsd_raw = self.work / "qsd-raw"
             self.qsd_qcow2 = self.work / "qsd-qcow2"
@@ -987,6 +1027,10 @@ class Bench:
             + self.peer(qsd, "qsd_raw", "qemu-storage-daemon FUSE raw", "MB/s",
                         lambda: dd_mbps(self.qsd_raw)),
             self.probe("vhd", "vdifs full.vhd", "MB/s", partial(dd_mbps, f["vhd"]))
+            + (self.probe("https_vhd", "vdifs serve: full.vhd by curl over HTTPS", "MB/s",
+                          lambda: https_mbps(self.serve_url, self.work / "serve-ca.pem",
+                                             f["vhd"].stat().st_size))
+               if shutil.which("curl") else [])
             + self.peer("xmount", "xmount", "xmount --out vhd (a fixed VHD)", "MB/s",
                         lambda: dd_mbps(self.xmount_vhd))
             + self.peer(qi, "qi_vpc", "qemu-img convert raw -> vpc file", "MB/s",
@@ -1158,6 +1202,7 @@ class Bench:
             xmount_wall = None if xmount_wall is None else xmount_wall * size_ratio
         return {
             "vhd_vs_xmount": self.ratio("vhd", "xmount"),
+            "https_vs_fuse_vhd": self.ratio("https_vhd", "vhd"),
             "raw_vs_qsd": self.ratio("raw", "qsd_raw"),
             "qcow2_vs_qsd": self.ratio("qcow2", "qsd_qcow2"),
             "delta_cost_ratio": self.delta_cost("delta_vhd"),

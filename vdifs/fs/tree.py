@@ -715,7 +715,15 @@ class Tree:
             record = self.records.get(node.uuid)
             if record is None or record.data_destroyed:
                 return False
-            return (node.uuid, record.generation) not in self._volumes
+            if (node.uuid, record.generation) in self._volumes:
+                return False
+            if not self.sr.capabilities.remote and self.state(node.uuid).content.chunk_count == 0:
+                # A disk of zeros holds no table and no PV: nothing to read (ls -lR).
+                self._volumes[(node.uuid, record.generation)] = analyse(
+                    lambda offset, length: bytes(length), record.virtual_size
+                )
+                return False
+            return True
         if not self.sr.capabilities.remote:
             return False
         match node:
