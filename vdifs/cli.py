@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from vdifs import __version__, malloc
-from vdifs.errors import InvalidArgument, NotFound, Unsupported, VdifsError, exit_statuses
+from vdifs.errors import (
+    InvalidArgument,
+    NotFound,
+    StorageError,
+    Unsupported,
+    VdifsError,
+    exit_statuses,
+)
+from vdifs.fs.nodes import DeltasDir, VdiDir
 from vdifs.model import VdiRecord
 from vdifs.storage.backend import Backend
 from vdifs.storage.local import default_sr_path
@@ -295,6 +303,40 @@ def cmd_vdi_rename(sr: Backend, args: argparse.Namespace) -> None:
     sr.set_name(resolve_vdi(sr, args.vdi).uuid, args.name)
 
 
+def cmd_checksum(sr: Backend, args: argparse.Namespace) -> None:
+    """Compute and keep a snapshot's digests ahead of time; print its SHA256SUMS files."""
+    from vdifs.fs.nodes import ChecksumsFile
+    from vdifs.fs.tree import Tree
+
+    record = resolve_vdi(sr, args.snapshot)
+    if not record.is_a_snapshot or record.data_destroyed:
+        raise InvalidArgument(
+            f"{record.uuid} is not a snapshot with data: only snapshots' files never change"
+        )
+    tree = Tree(sr)
+    files = [ChecksumsFile(record.uuid), ChecksumsFile(record.uuid, deltas=True)]
+    files = [f for f in files if tree.checksum_names(f)]
+    progress: Callable[[int], None] | None = None
+    if args.progress and sys.stderr.isatty():
+        total = 0
+        for f in files:
+            for name in tree.checksum_names(f):
+                node = tree.lookup(
+                    DeltasDir(record.uuid) if f.deltas else VdiDir(record.uuid), name
+                )
+                total += tree.attr(node).size
+        bar, done = Progress(total, sys.stderr), [0]
+
+        def progress(n: int) -> None:
+            done[0] += n
+            bar(done[0])
+
+    for f in files:
+        text = tree.checksums(f, progress).decode()
+        prefix = "delta-from/" if f.deltas else ""
+        sys.stdout.write("".join(f"{line[:66]}{prefix}{line[66:]}\n" for line in text.splitlines()))
+
+
 def cmd_export(sr: Backend, args: argparse.Namespace) -> None:
     from vdifs.exports import DiskState, Export
 
@@ -418,6 +460,54 @@ def cmd_sr_gc(sr: Backend, args: argparse.Namespace) -> None:
         raise Unsupported(f"{sr.description} reclaims unused data by itself")
     objects, freed = sr.garbage_collect()
     print(f"removed {objects} unused data object(s), {_human(freed)} freed")
+
+
+_DAMAGE = {
+    "corrupt": "its content does not match its digest",
+    "unreadable": "the disk failed to read it (EIO)",
+    "missing": "its bytes are gone (pack file missing or truncated)",
+}
+
+
+def cmd_sr_verify(sr: Backend, args: argparse.Namespace) -> None:
+    verify = getattr(sr, "verify", None)  # the embedded SR's: a pool's storage is XAPI's to check
+    if verify is None:
+        raise Unsupported(f"{sr.description} has no chunk digests for vdifs to check")
+    uuids = [resolve_vdi(sr, key).uuid for key in args.vdis]
+    bar: Progress | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(total, sys.stderr)
+        bar(done)
+
+    report = verify(uuids, progress if args.progress and sys.stderr.isatty() else None)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for chunk in report.damaged:
+            print(
+                f"damaged chunk {chunk.chunk_id:016x}: {_DAMAGE.get(chunk.reason, chunk.reason)}"
+                f" (packs/{chunk.pack:08x}.pack at byte {chunk.offset})"
+            )
+            for use in chunk.uses:
+                kind = "snapshot" if use.is_a_snapshot else "VDI"
+                ranges = ", ".join(f"{start}-{end - 1}" for start, end in use.ranges)
+                print(f"  {kind:8} {use.uuid}  bytes {ranges}  {use.name_label}")
+            if not chunk.uses:
+                print("  used by no VDI or snapshot (a write of the same content would reuse it)")
+        if report.unverifiable:
+            print(f"{report.unverifiable} chunk(s) have no recorded digest: not checked")
+        print(
+            f"checked {report.chunks} chunk(s) ({_human(report.bytes)}) in {report.packs}"
+            f" pack(s) in {report.seconds:.1f} s: {len(report.damaged)} damaged"
+        )
+    if report.damaged:
+        raise StorageError(
+            f"the SR is damaged: {len(report.damaged)} of {report.chunks} chunk(s) checked"
+            " failed (listed on stdout)"
+        )
 
 
 def cmd_demo(sr: Backend, args: argparse.Namespace) -> None:
@@ -592,6 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="export only what changed since this snapshot (a delta)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on a terminal")
 
+    p = add(
+        sub,
+        "checksum",
+        cmd_checksum,
+        "compute and keep a snapshot's sha256 digests (its SHA256SUMS files); print them",
+    )
+    p.add_argument("snapshot", help="uuid (or an unambiguous name)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar on a terminal")
+
     p = add(sub, "import", cmd_import, "apply a VHD, qcow2 or raw file to a VDI (xe vdi-import)")
     p.add_argument("vdi", help="target uuid (or unambiguous name); with --create, the new name")
     p.add_argument("file", help="the image file")
@@ -641,6 +740,17 @@ def build_parser() -> argparse.ArgumentParser:
     sr_sub = sr_parser.add_subparsers(dest="sr_command", required=True, metavar="ACTION")
     add(sr_sub, "info", cmd_sr_info, "summary of the SR as JSON")
     add(sr_sub, "gc", cmd_sr_gc, "free data no VDI or snapshot uses any more")
+    p = add(
+        sr_sub,
+        "verify",
+        cmd_sr_verify,
+        "re-read stored data and check it against its digests; list what damage affects",
+    )
+    p.add_argument(
+        "vdis", nargs="*", metavar="UUID", help="check only the data these VDIs or snapshots use"
+    )
+    p.add_argument("--progress", action="store_true", help="show a progress bar on a terminal")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
 
     p = add(sub, "demo", cmd_demo, "create a demo disk (if the SR is empty) and mount it")
     p.add_argument("--mountpoint", default="/mnt/vdifs")

@@ -53,6 +53,7 @@ from vdifs.errors import (
 from vdifs.exports import IMAGE_FORMATS, Export
 from vdifs.fs.nodes import (
     VDIS,
+    ChecksumsFile,
     DeltaImage,
     FullImage,
     Generated,
@@ -254,7 +255,9 @@ class Server:
             export = self.tree.open_export(node, write=False)
             await self._send_export(conn, stream, request, export, self._etag(node, export))
             return
-        if isinstance(node, Generated):
+        if isinstance(node, ChecksumsFile):
+            body = await trio.to_thread.run_sync(self.tree.checksums, node, limiter=APPLIES)
+        elif isinstance(node, Generated):
             body = self.tree.generated(node)
         elif isinstance(node, Link | UploadFile):
             raise NotFound(request.path)

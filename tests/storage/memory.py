@@ -246,6 +246,9 @@ class MemoryImportLog:
     def forget(self, import_id: int) -> None:
         self.items.pop(import_id, None)
 
+    def record_digest(self, import_id: int, sha256: str) -> None:
+        self.items[import_id]["sha256"] = sha256
+
     def recent(self, limit: int) -> list[dict[str, Any]]:
         return [dict(self.items[i]) for i in sorted(self.items, reverse=True)[:limit]]
 
@@ -285,6 +288,7 @@ class MemoryBackend:
         self.imports = MemoryImportLog()
         self._version = 0
         self._locks: set[str] = set()
+        self.digests: dict[tuple[str, int], dict[str, str]] = {}
         self._scratch = tempfile.TemporaryDirectory(prefix="vdifs-memory-")
 
     @property
@@ -339,6 +343,12 @@ class MemoryBackend:
             if known is None or known.generation != vdi.record.generation:
                 record = self._full(vdi.record)
             return record, vdi.frozen
+
+    def stored_digests(self, uuid: str, generation: int) -> dict[str, str]:
+        return dict(self.digests.get((uuid, generation), {}))
+
+    def store_digests(self, uuid: str, generation: int, digests: dict[str, str]) -> None:
+        self.digests.setdefault((uuid, generation), {}).update(digests)
 
     def last_import(self, uuid: str) -> tuple[bytes | None, str | None, int | None]:
         return self.vdi(uuid).last_import

@@ -170,6 +170,14 @@ class VmCurrentLink:
 
 
 @dataclass(frozen=True, slots=True)
+class ChecksumsFile:
+    """A snapshot's ``SHA256SUMS`` (its images), or its ``delta-from/SHA256SUMS``."""
+
+    uuid: str
+    deltas: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class InfoFile:
     """``vdis/<uuid>/info.json``"""
 
@@ -298,7 +306,7 @@ Image = RawImage | FullImage | DeltaImage | PartitionImage | LvImage
 VolumeNode = (
     PartitionsDir | LvmDir | VgDir | Volume | PartitionTableFile | LvmNotesFile | VgMetadataFile
 )
-Node = Dir | Link | Generated | Image | UploadFile
+Node = Dir | Link | Generated | Image | UploadFile | ChecksumsFile
 
 ROOT = Root()
 VDIS = VdisDir()

@@ -32,6 +32,7 @@ from vdifs.errors import NotFound, ReadOnly, VdifsError
 from vdifs.exports import Export
 from vdifs.fs.nodes import (
     ROOT,
+    ChecksumsFile,
     DeltaImage,
     FullImage,
     Generated,
@@ -330,6 +331,13 @@ class VdifsOperations(pyfuse3.Operations):
                 raise ReadOnly("generated files are read-only")
             self._handles[fh] = Handle(node, data=self.tree.generated(node))
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        if isinstance(node, ChecksumsFile):
+            if write:
+                raise ReadOnly("SHA256SUMS is read-only")
+            # The first open reads every file it lists (vdifs checksum does it ahead).
+            data = await trio.to_thread.run_sync(self.tree.checksums, node, limiter=APPLIES)
+            self._handles[fh] = Handle(node, data=data)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
         if isinstance(node, UploadFile):
             # libfuse negotiates atomic O_TRUNC: truncation arrives here, not in setattr.
             upload = await self.imports.open(

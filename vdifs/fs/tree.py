@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
 
+from vdifs.checksums import file_digest, sums_size, sums_text
 from vdifs.errors import AlreadyExists, NotFound, ReadOnly, VdifsError
 from vdifs.exports import IMAGE_FORMATS, DiskState, Export, format_supports
 from vdifs.formats.volume import VolumeLayout
@@ -33,6 +34,7 @@ from vdifs.fs.nodes import (
     VDIS,
     VMS,
     ByNameDir,
+    ChecksumsFile,
     CurrentLink,
     DeltaImage,
     DeltasDir,
@@ -422,12 +424,15 @@ class Tree:
                 return self._vdi_entries(snap, view=True)
             case DeltasDir(uuid):
                 size = self.record(uuid).virtual_size
-                return [
+                deltas: list[tuple[str, Node]] = [
                     (f"{base}.{fmt}", DeltaImage(uuid, base, fmt))
                     for base in self.delta_bases(uuid)
                     for fmt in IMAGE_FORMATS
                     if format_supports(fmt, size)
                 ]
+                if self.checksum_names(ChecksumsFile(uuid, deltas=True)):
+                    deltas.append(("SHA256SUMS", ChecksumsFile(uuid, deltas=True)))
+                return deltas
             case PartitionsDir(uuid):
                 found: list[tuple[str, Node]] = [("table.json", PartitionTableFile(uuid))]
                 files = self.volumes(uuid).partition_files()
@@ -498,6 +503,8 @@ class Tree:
                 entries.append((f"full.{fmt}", FullImage(uuid, fmt)))
         if not record.is_a_snapshot and not view:
             entries.append(("snapshots", SnapshotsDir(uuid)))
+        if record.is_a_snapshot:
+            entries.append(("SHA256SUMS", ChecksumsFile(uuid)))
         return sorted(entries, key=_by_name)
 
     def lookup(self, parent: Node, name: str) -> Node:
@@ -514,6 +521,9 @@ class Tree:
                     return UploadFile(name)
                 raise NotFound(name)
             case DeltasDir(uuid):
+                sums = ChecksumsFile(uuid, deltas=True)
+                if name == "SHA256SUMS" and self.checksum_names(sums):
+                    return sums
                 base, dot, fmt = name.rpartition(".")
                 if (
                     dot
@@ -581,6 +591,8 @@ class Tree:
                 )
             case VdiDir(uuid) | InfoFile(uuid) | SnapshotsDir(uuid):
                 return uuid in self.records
+            case ChecksumsFile():
+                return bool(self.checksum_names(node))
         raise NotFound(str(node))
 
     def _link_target(self, node: Link) -> str:
@@ -621,6 +633,13 @@ class Tree:
                 return self._cached_attr(node, (self.record(uuid),), self._generated_attr)
             case PartitionImage(uuid) | LvImage(uuid):
                 return self._cached_attr(node, (self.record(uuid),), self._image_attr)
+            case ChecksumsFile(uuid):
+                # Known from the names alone: stat never computes a digest.
+                size = sums_size(self.checksum_names(node))
+                record = self.record(uuid)
+                return Attr(
+                    stat.S_IFREG | 0o444, size, record.changed_ns, timeout=IMMUTABLE_TIMEOUT
+                )
             case (
                 NameLink() | SnapshotLink() | CurrentLink() | VmDiskLink()
                 | VmSnapshotDiskLink() | VmCurrentLink()
@@ -671,6 +690,56 @@ class Tree:
             blocks=ceil_div(export.allocated_bytes, 512),
             timeout=IMMUTABLE_TIMEOUT if immutable else MUTABLE_TIMEOUT,
         )
+
+    # -- SHA256SUMS -------------------------------------------------------------------------
+
+    def checksum_names(self, node: ChecksumsFile) -> list[str]:
+        """The files a SHA256SUMS lists: a snapshot's images, or its deltas from older
+        snapshots; none for a live VDI or a checkpoint (their bytes are not fixed)."""
+        record = self.records.get(node.uuid)
+        if record is None or not record.is_a_snapshot or record.data_destroyed:
+            return []
+        fmts = [f for f in IMAGE_FORMATS if format_supports(f, record.virtual_size)]
+        if not node.deltas:
+            return ["raw.img", *(f"full.{fmt}" for fmt in fmts)]
+        return [
+            f"{base}.{fmt}"
+            for base in self.delta_bases(node.uuid)
+            if self.records[base].is_a_snapshot
+            for fmt in fmts
+        ]
+
+    def checksums(
+        self, node: ChecksumsFile, progress: Callable[[int], None] | None = None
+    ) -> bytes:
+        """The SHA256SUMS text, computing and storing the digests it lacks (blocking:
+        it reads every file it lists the first time; call it off the loop)."""
+        names = self.checksum_names(node)
+        if not names:
+            raise NotFound(f"{node.uuid} has no SHA256SUMS: it is not a snapshot with data")
+        record, content = self.sr.state(node.uuid, known=self.records[node.uuid])
+        keys = {name: ("delta-from/" if node.deltas else "") + name for name in names}
+        stored = self.sr.stored_digests(node.uuid, record.generation)
+        missing = {key: name for name, key in keys.items() if key not in stored}
+        if missing:
+            state = DiskState(record, content)
+            computed: dict[str, str] = {}
+            for key, name in missing.items():
+                if node.deltas:
+                    base_uuid, _, fmt = name.rpartition(".")
+                    base = DiskState(*self.sr.state(base_uuid, known=self.records[base_uuid]))
+                    export = Export(self.sr, state, fmt, base)
+                else:
+                    fmt = "raw" if name == "raw.img" else name.removeprefix("full.")
+                    export = Export(self.sr, state, fmt)
+                pin = self.sr.keep_readable(content)
+                try:
+                    computed[key] = file_digest(export, progress)
+                finally:
+                    pin.release()
+            self.sr.store_digests(node.uuid, record.generation, computed)
+            stored = {**stored, **computed}
+        return sums_text(names, {name: stored[key] for name, key in keys.items()})
 
     def volumes(self, uuid: str) -> DiskVolumes:
         """The partitions and logical volumes of a VDI's current state (read from the

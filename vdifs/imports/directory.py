@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from vdifs.errors import Busy
+from vdifs.imports.engine import ImportResult, record_import_digest
 from vdifs.imports.pipeline import WritePipeline
 from vdifs.imports.uploads import State, Upload, Uploads, apply_or_explain, still_open_by
 from vdifs.limits import APPLIES, UPLOADS
@@ -161,6 +162,17 @@ class ImportDirectory:
             done.set()
             await self._refresh()
         log.info("imported %s into %s", upload.name, result.target)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._digest, result)
+
+    async def _digest(self, result: ImportResult) -> None:
+        """The restored disk's sha256 into the import's status, after the import."""
+        try:
+            await trio.to_thread.run_sync(
+                record_import_digest, self.uploads.sr, result, limiter=APPLIES
+            )
+        except Exception as exc:  # the import stands; only its digest is missing
+            log.warning("no sha256 for import %d: %s", result.id, exc)
 
     async def _outcome(self, upload: Upload) -> None:
         """For a flush of an upload already applied or being applied: its outcome.

@@ -212,6 +212,8 @@ class ImportResult:
     chunks_applied: int
     bytes_applied: int
     seconds: float
+    generation: int = 0
+    """The target's generation the import made (its digest is of that state)."""
 
 
 def _inflate(read_at: ReadAt, write: Any) -> bytes:
@@ -407,7 +409,12 @@ class ImportJob:
             seconds,
         )
         return ImportResult(
-            self.id, record.uuid, writer.chunks_written, self.applier.bytes_applied, seconds
+            self.id,
+            record.uuid,
+            writer.chunks_written,
+            self.applier.bytes_applied,
+            seconds,
+            record.generation,
         )
 
     def cancel(self) -> None:
@@ -560,6 +567,26 @@ def record_not_applied(
     sr.imports.end(import_id, "failed", error, errno, 0, 0.0)
 
 
+def record_import_digest(sr: Backend, result: ImportResult) -> str | None:
+    """The sha256 of the disk as the import left it, into the import's status (so
+    ``vdifs import-status`` tells whether a restore equals a backed-up raw.img's
+    digest). It reads the whole disk: the mount runs it after the import, in the
+    background; None if the disk changed again first."""
+    from vdifs.checksums import file_digest
+    from vdifs.exports import DiskState, Export
+
+    record, content = sr.state(result.target)
+    if record.generation != result.generation:
+        return None
+    pin = sr.keep_readable(content)
+    try:
+        digest = file_digest(Export(sr, DiskState(record, content), "raw"))
+    finally:
+        pin.release()
+    sr.imports.record_digest(result.id, digest)
+    return digest
+
+
 def import_file(
     sr: Backend,
     fd: int,
@@ -575,7 +602,7 @@ def import_file(
     target's import lock: into VDI ``target``, or a new VDI ``new_name``."""
     lock = sr.import_lock(target if target is not None else f"new-{new_name}")
     try:
-        return run_import(
+        result = run_import(
             sr,
             name=name,
             fmt=fmt,
@@ -586,6 +613,8 @@ def import_file(
             force=force,
             progress=progress,
         )
+        record_import_digest(sr, result)
+        return result
     finally:
         lock.release()
 

@@ -159,6 +159,10 @@ class ImportLog(Protocol):
 
     def forget(self, import_id: int) -> None: ...
 
+    def record_digest(self, import_id: int, sha256: str) -> None:
+        """The sha256 of the disk as the import left it (computed after it)."""
+        ...
+
     def recent(self, limit: int) -> list[dict[str, Any]]:
         """The newest first: id, name, target, format, state, error, errno, ..."""
         ...
@@ -241,6 +245,13 @@ class Backend(Protocol):
     def last_import(self, uuid: str) -> tuple[bytes | None, str | None, int | None]:
         """(identity, file name, generation) of the image last imported into a VDI."""
         ...
+
+    def stored_digests(self, uuid: str, generation: int) -> dict[str, str]:
+        """sha256 hex digests kept for a state's files (``raw.img``, ``full.vhd``,
+        ``delta-from/<base>.vhd``...): what SHA256SUMS lists."""
+        ...
+
+    def store_digests(self, uuid: str, generation: int, digests: dict[str, str]) -> None: ...
 
     # -- reading ---------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vdifs.model import safe_text, utc_iso
+from vdifs.storage.digests import DIGESTS_TABLE
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS imports(
     finished TEXT,
     seconds REAL,
     pid INTEGER NOT NULL DEFAULT 0,
-    notes TEXT
+    notes TEXT,
+    sha256 TEXT
 );
 """
 
@@ -62,6 +64,7 @@ _KEYS = (
     "finished",
     "seconds",
     "notes",
+    "sha256",
 )
 
 
@@ -117,6 +120,10 @@ class SqliteImportLog:
         except Exception:
             log.exception("could not record the outcome of import %d", import_id)
 
+    def record_digest(self, import_id: int, sha256: str) -> None:
+        with self.sr.transaction() as db:
+            db.execute("UPDATE imports SET sha256 = ? WHERE id = ?", (sha256, import_id))
+
     def forget(self, import_id: int) -> None:
         with self.sr.transaction() as db:
             db.execute("DELETE FROM imports WHERE id = ?", (import_id,))
@@ -128,8 +135,9 @@ class SqliteImportLog:
         out = []
         for row in rows:
             item = dict(zip(_KEYS, row, strict=True))
-            if item["notes"] is None:
-                del item["notes"]
+            for optional in ("notes", "sha256"):
+                if item[optional] is None:
+                    del item[optional]
             if item["errno"]:
                 item["errno_name"] = errno_module.errorcode.get(item["errno"], str(item["errno"]))
             out.append(item)
@@ -154,13 +162,18 @@ class SqliteImportLog:
 
 
 class ImportJournal:
-    """A SQLite file holding only the ``imports`` table (one connection per thread)."""
+    """A SQLite file of a backend's own on the backup host: the ``imports`` table, and
+    the digests of its snapshots' files (one connection per thread)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = path
         self._local = threading.local()
         self.db.execute(IMPORTS_TABLE)
+        self.db.execute(DIGESTS_TABLE)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(imports)")}
+        if "sha256" not in columns:  # a journal made by an earlier vdifs
+            self.db.execute("ALTER TABLE imports ADD COLUMN sha256 TEXT")
 
     @property
     def db(self) -> sqlite3.Connection:

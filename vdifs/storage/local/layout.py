@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS blocks(
     PRIMARY KEY(vdi, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunks(digest BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+-- a chunk's digest from its id: what checking a chunk read from its pack needs
+-- (built once when an SR made before it is opened; also serves gc's range delete)
+CREATE INDEX IF NOT EXISTS chunks_id ON chunks(id);
 CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY, slots INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS vms(
     id INTEGER PRIMARY KEY,
@@ -84,7 +87,7 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
         "current": "TEXT",
         "data_destroyed": "INTEGER NOT NULL DEFAULT 0",
     },
-    "imports": {"pid": "INTEGER NOT NULL DEFAULT 0", "notes": "TEXT"},
+    "imports": {"pid": "INTEGER NOT NULL DEFAULT 0", "notes": "TEXT", "sha256": "TEXT"},
 }
 
 
@@ -118,6 +121,7 @@ def check_size(size: int) -> int:
 # A chunk id is its location: ``pack << 32 | slot``, the chunk at byte
 # ``slot * CHUNK_SIZE`` of ``packs/<pack>.pack``; 0 is the zero chunk.
 SLOT_BITS = 32
+SLOT_MASK = (1 << SLOT_BITS) - 1
 
 
 def make_chunk_id(pack: int, slot: int) -> int:
@@ -128,6 +132,10 @@ def pack_of(chunk: int) -> int:
     return chunk >> SLOT_BITS
 
 
+def slot_of(chunk: int) -> int:
+    return chunk & SLOT_MASK
+
+
 def slot_offset(chunk: int) -> int:
     """Where a chunk's bytes start in its pack."""
-    return (chunk & ((1 << SLOT_BITS) - 1)) * CHUNK_SIZE
+    return (chunk & SLOT_MASK) * CHUNK_SIZE

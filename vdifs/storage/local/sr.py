@@ -21,9 +21,11 @@ being written are flock()ed so that a concurrent process never removes them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 import secrets
 import sqlite3
@@ -31,8 +33,9 @@ import threading
 import time
 import uuid as uuidlib
 from array import array
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,8 @@ from vdifs.errors import (
     ReadOnly,
     StorageError,
 )
-from vdifs.model import CHUNK_SIZE, VdiRecord, check_name, utc_iso
+from vdifs.model import CHUNK_SIZE, CHUNKS_PER_BLOCK, VdiRecord, check_name, utc_iso
+from vdifs.storage import digests
 from vdifs.storage.backend import Capabilities, ContentMap, WouldBlock, deletion_order
 from vdifs.storage.importlog import IMPORTS_TABLE, SqliteImportLog
 from vdifs.storage.local.blockmap import BlockMap
@@ -51,12 +55,16 @@ from vdifs.storage.local.layout import (
     _LATE_INDEXES,
     _SCHEMA,
     ADDED_COLUMNS,
+    PACK_SLOTS,
     SCHEMA_VERSION,
+    SLOT_MASK,
     STALE_PACK_SECONDS,
     ZERO_CHUNK,
     check_size,
+    chunk_digest,
     make_chunk_id,
     pack_of,
+    slot_of,
     slot_offset,
 )
 from vdifs.storage.local.vms import Vms
@@ -103,11 +111,125 @@ class _PackFile:
         os.close(self.fd)
 
 
+class _CheckedSlots:
+    """The slots of one pack this process has checked against their digests.
+
+    One bit per 64 KiB slot (2 KiB for a full pack), for one version of the
+    file: ``identity`` is its (inode, size, mtime, ctime) when the bits were
+    set.
+    """
+
+    __slots__ = ("bits", "identity")
+
+    def __init__(self, identity: tuple[int, int, int, int], slots: int) -> None:
+        self.identity = identity
+        self.bits = bytearray((slots + 7) // 8)
+
+    def has(self, slot: int) -> bool:
+        byte = slot >> 3
+        return byte < len(self.bits) and bool(self.bits[byte] >> (slot & 7) & 1)
+
+    def covers(self, first: int, last: int) -> bool:
+        """Whether every slot of ``first..last`` was checked."""
+        bits = self.bits
+        byte, end = first >> 3, last >> 3
+        if end >= len(bits):
+            return False
+        mask = (1 << (last - first + 1)) - 1
+        if byte == end:  # a read of up to 8 chunks, most often
+            return bits[byte] >> (first & 7) & mask == mask
+        return int.from_bytes(bits[byte : end + 1], "little") >> (first & 7) & mask == mask
+
+    def mark(self, slots: Iterable[int]) -> None:
+        # Not locked: two threads marking one byte at once may lose a bit,
+        # which only costs checking that chunk again.
+        bits = self.bits
+        for slot in slots:
+            if slot >> 3 < len(bits):
+                bits[slot >> 3] |= 1 << (slot & 7)
+
+
+@dataclass
+class ChunkUse:
+    """Where one VDI or snapshot holds a chunk: byte ranges ``[start, end)`` of the disk."""
+
+    uuid: str
+    name_label: str
+    is_a_snapshot: bool
+    ranges: list[tuple[int, int]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "name_label": self.name_label,
+            "is_a_snapshot": self.is_a_snapshot,
+            "ranges": [[start, end] for start, end in self.ranges],
+        }
+
+
+@dataclass
+class DamagedChunk:
+    """A stored chunk that does not hold what its digest says.
+
+    ``reason``: ``corrupt`` (read, but its SHA-256 differs), ``unreadable``
+    (the disk answered EIO), ``missing`` (past the end of its pack, or the
+    pack file is gone).
+    """
+
+    chunk_id: int
+    reason: str
+    uses: list[ChunkUse] = field(default_factory=list)
+
+    @property
+    def pack(self) -> int:
+        return pack_of(self.chunk_id)
+
+    @property
+    def offset(self) -> int:
+        return slot_offset(self.chunk_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chunk": f"{self.chunk_id:016x}",
+            "pack": f"{self.pack:08x}",
+            "offset": self.offset,
+            "reason": self.reason,
+            "used_by": [use.to_json() for use in self.uses],
+        }
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`LocalSR.verify` checked and found."""
+
+    packs: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    unverifiable: int = 0  # chunks with no recorded digest (see _read_checked)
+    seconds: float = 0.0
+    damaged: list[DamagedChunk] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "packs": self.packs,
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "unverifiable": self.unverifiable,
+            "seconds": round(self.seconds, 3),
+            "damaged": [chunk.to_json() for chunk in self.damaged],
+        }
+
+
 class LocalSR:
     """The embedded SR in one directory (a :class:`vdifs.storage.backend.Backend`)."""
 
     FD_CACHE = 512
+    VERIFY_RUN = 128  # chunks per read of a scrub: 8 MiB
+    VERIFY_GAP = 16  # a scrub of some VDIs reads through this many unused slots rather than seek
     capabilities = Capabilities()
+    # Check each chunk against its digest the first time this process reads
+    # it (see _read_checked); off only to measure what it costs.
+    verify_reads = True
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -121,8 +243,10 @@ class LocalSR:
         self._commits = 0
         self._fds: dict[int, _PackFile] = {}
         self._fd_lock = threading.Lock()
+        self._checked: dict[int, _CheckedSlots] = {}  # pack -> slots read and checked
+        self._damage_logged: set[int] = set()
         db = self.db
-        for statement in (_SCHEMA + IMPORTS_TABLE).strip().split(";\n"):
+        for statement in (_SCHEMA + IMPORTS_TABLE + digests.DIGESTS_TABLE).strip().split(";\n"):
             if statement.strip():
                 db.execute(statement)
         db.execute(
@@ -380,6 +504,7 @@ class LocalSR:
             db.execute("DELETE FROM blocks WHERE vdi = ?", (self.row_id(uuid),))
             db.execute("DELETE FROM vdis WHERE uuid = ?", (uuid,))
             db.execute("DELETE FROM vm_disks WHERE vdi = ?", (uuid,))
+            digests.forget(db, uuid)
 
     def delete_snapshot(
         self, uuid: str, *, children: bool = False, only_children: bool = False
@@ -471,7 +596,10 @@ class LocalSR:
 
         With ``nowait`` the read only succeeds from the page cache
         (``RWF_NOWAIT``); otherwise :class:`WouldBlock` tells the caller to
-        retry the whole request off the event loop.
+        retry the whole request off the event loop.  A chunk this process has
+        not yet checked against its digest is checked first (off the event
+        loop: ``nowait`` raises :class:`WouldBlock`); a damaged one raises
+        :class:`StorageError`, never hands out its bytes.
         """
         if chunk_id == 0:
             if len(buf) <= CHUNK_SIZE:
@@ -479,8 +607,18 @@ class LocalSR:
             else:
                 buf[:] = bytes(len(buf))
             return
-        pf = self._pack_file(pack_of(chunk_id))
+        pack = pack_of(chunk_id)
+        pf = self._pack_file(pack)
         offset = slot_offset(chunk_id) + skip
+        if self.verify_reads:
+            first = slot_of(chunk_id) + skip // CHUNK_SIZE
+            last = slot_of(chunk_id) + (skip + len(buf) - 1) // CHUNK_SIZE
+            seen = self._checked_slots(pack, pf.fd)
+            if not seen.covers(first, last):
+                if nowait:
+                    raise WouldBlock  # hashing is for a thread, not the event loop
+                self._read_checked(pack, pf.fd, seen, first, last, buf, offset)
+                return
         if nowait:
             try:
                 got = os.preadv(pf.fd, [buf], offset, os.RWF_NOWAIT)
@@ -492,6 +630,95 @@ class LocalSR:
         got = os.preadv(pf.fd, [buf], offset)
         if got != len(buf):
             raise StorageError(f"chunk {chunk_id:016x} is truncated in the SR")
+
+    # -- checking chunks as they are read (docs/dev-storage.md, "Integrity") --
+
+    def _checked_slots(self, pack: int, fd: int) -> _CheckedSlots:
+        """The slots of a pack this process has checked, for the file as it is now.
+
+        A pack changed in place since (its inode, size, mtime or ctime moved:
+        copied back from a backup, edited) is checked again from scratch.
+        """
+        st = os.fstat(fd)
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        seen = self._checked.get(pack)
+        if seen is None or seen.identity != identity:
+            seen = self._checked[pack] = _CheckedSlots(identity, st.st_size // CHUNK_SIZE)
+        return seen
+
+    def _read_checked(
+        self,
+        pack: int,
+        fd: int,
+        seen: _CheckedSlots,
+        first: int,
+        last: int,
+        buf: memoryview,
+        offset: int,
+    ) -> None:
+        """Read whole slots ``first..last``, check those not yet checked, fill ``buf``."""
+        start = first * CHUNK_SIZE
+        length = (last - first + 1) * CHUNK_SIZE
+        whole = offset == start and len(buf) == length
+        data = buf if whole else memoryview(bytearray(length))
+        got = os.preadv(fd, [data], start)
+        if got != length:
+            chunk = make_chunk_id(pack, first + got // CHUNK_SIZE)
+            raise StorageError(f"chunk {chunk:016x} is truncated in the SR")
+        todo = [slot for slot in range(first, last + 1) if not seen.has(slot)]
+        expected = self._pack_digests(pack, todo[0], todo[-1]) if todo else {}
+        damaged = []
+        unknown: dict[bytes, int] = {}
+        for slot in todo:
+            at = (slot - first) * CHUNK_SIZE
+            digest = chunk_digest(data[at : at + CHUNK_SIZE])
+            want = expected.get(slot)
+            if want is None:
+                unknown[digest] = slot
+            elif want != digest:
+                damaged.append(slot)
+        for digest in unknown.keys() - self._known_digests(unknown.keys()):
+            # Stored twice by two concurrent writers and its twin since
+            # collected, or damaged: nothing records what it should hold.
+            chunk = make_chunk_id(pack, unknown[digest])
+            log.info("chunk %016x has no recorded digest: not checked", chunk)
+        seen.mark(slot for slot in todo if slot not in damaged)
+        if damaged:
+            chunk = make_chunk_id(pack, damaged[0])
+            if len(self._damage_logged) < 10000 and chunk not in self._damage_logged:
+                self._damage_logged.add(chunk)
+                log.error(
+                    "chunk %016x (pack %s, byte %d) is damaged: its content does not match"
+                    " its digest; reads of it fail with EIO (run vdifs sr verify)",
+                    chunk,
+                    self._pack_path(pack),
+                    slot_offset(chunk),
+                )
+            raise StorageError(
+                f"chunk {chunk:016x} is damaged: its content does not match its digest"
+                " (vdifs sr verify lists what it affects)"
+            )
+        if not whole:
+            buf[:] = data[offset - start : offset - start + len(buf)]
+
+    def _pack_digests(self, pack: int, first: int, last: int) -> dict[int, bytes]:
+        """slot -> recorded digest, for the slots ``first..last`` of a pack."""
+        rows = self.db.execute(
+            "SELECT id, digest FROM chunks WHERE id >= ? AND id <= ?",
+            (make_chunk_id(pack, first), make_chunk_id(pack, last)),
+        )
+        return {slot_of(chunk): bytes(digest) for chunk, digest in rows}
+
+    def _known_digests(self, digests: Collection[bytes]) -> set[bytes]:
+        """Those of ``digests`` that some stored chunk is recorded with."""
+        found: set[bytes] = set()
+        items = list(digests)
+        for at in range(0, len(items), 500):
+            part = items[at : at + 500]
+            marks = ",".join("?" * len(part))
+            rows = self.db.execute(f"SELECT digest FROM chunks WHERE digest IN ({marks})", part)
+            found.update(bytes(d) for (d,) in rows)
+        return found
 
     def read(self, block_map: BlockMap, offset: int, length: int) -> bytes:
         """Bytes of a disk through its block map, clamped at the end of the disk."""
@@ -538,6 +765,13 @@ class LocalSR:
     ) -> ChunkWriter:
         # Bulk imports write packs with O_DIRECT (see ChunkWriter).
         return ChunkWriter(self, uuid, replace=replace, new_vdi=new_vdi, direct=bulk)
+
+    def stored_digests(self, uuid: str, generation: int) -> dict[str, str]:
+        return digests.stored(self.db, uuid, generation)
+
+    def store_digests(self, uuid: str, generation: int, found: dict[str, str]) -> None:
+        with self.transaction() as db:
+            digests.store(db, uuid, generation, found)
 
     def last_import(self, uuid: str) -> tuple[bytes | None, str | None, int | None]:
         """(identity, file name, generation after it) of the last image imported."""
@@ -718,6 +952,7 @@ class LocalSR:
             with self._fd_lock:
                 for pack in still_dead:
                     self._fds.pop(pack, None)
+                    self._checked.pop(pack, None)
             return len(still_dead), freed
         finally:
             for fd in locked.values():
@@ -733,3 +968,263 @@ class LocalSR:
             ids = array("Q", blob)
             live.update(pack_of(i) for i in ids if i)
         return {p for (p,) in self.db.execute("SELECT id FROM packs WHERE slots >= 0")} - live
+
+    # -- scrub: vdifs sr verify --------------------------------------------------
+
+    def verify(
+        self,
+        uuids: Sequence[str] = (),
+        progress: Callable[[int, int], None] | None = None,
+    ) -> VerifyReport:
+        """Re-read stored chunks and check each against its digest.
+
+        Every chunk of every pack, or only those the VDIs and snapshots
+        ``uuids`` use; pack by pack in id order, slot order within a pack, in
+        runs of up to :attr:`VERIFY_RUN` chunks through two reused buffers (the
+        next run is read while the last one is hashed).
+        Reads bypass the page cache where the file system allows (O_DIRECT):
+        what is checked is what the disk holds, and the daemon's cache is left
+        alone.  Each pack is flocked (shared) while read, so gc leaves it be.
+        ``progress(done, total)`` is called in bytes.  Each damaged chunk
+        comes with every VDI and snapshot (checkpoints aside) that uses it.
+        """
+        began = time.monotonic()
+        plan = self._verify_plan(uuids)
+        total = sum(len(slots) for _pack, slots, _live in plan) * CHUNK_SIZE
+        report = VerifyReport()
+        damaged: dict[int, str] = {}
+        done = 0
+
+        def advance(chunks: int) -> None:
+            nonlocal done
+            done += chunks * CHUNK_SIZE
+            if progress is not None:
+                progress(done, total)
+
+        # Two page-aligned buffers (O_DIRECT needs it): one thread reads the
+        # next run into one while this one hashes the other.
+        buffers = [mmap.mmap(-1, self.VERIFY_RUN * CHUNK_SIZE) for _ in range(2)]
+        reader = ThreadPoolExecutor(1, thread_name_prefix="vdifs-verify-reader")
+        try:
+            for pack, slots, live in plan:
+                self._verify_pack(pack, slots, live, buffers, reader, damaged, report, advance)
+        finally:
+            reader.shutdown()
+            for buffer in buffers:
+                buffer.close()
+        uses = self._chunk_uses(set(damaged))
+        report.damaged = [
+            DamagedChunk(chunk, reason, uses.get(chunk, []))
+            for chunk, reason in sorted(damaged.items())
+        ]
+        report.seconds = time.monotonic() - began
+        return report
+
+    def _verify_plan(self, uuids: Sequence[str]) -> list[tuple[int, Sequence[int], bool]]:
+        """(pack, its slots to check, live when planned), in pack order."""
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            live = dict(db.execute("SELECT id, slots FROM packs WHERE slots >= 0").fetchall())
+            if not uuids:
+                return [(pack, range(live[pack]), True) for pack in sorted(live)]
+            wanted: dict[int, bytearray] = {}
+            for uuid in dict.fromkeys(uuids):
+                if self.get_vdi(uuid).data_destroyed:
+                    continue  # a checkpoint: its data is not kept, only its identities
+                rows = db.execute("SELECT chunks FROM blocks WHERE vdi = ?", (self.row_id(uuid),))
+                for (blob,) in rows:
+                    for chunk in array("Q", blob):
+                        if chunk:
+                            bits = wanted.get(pack_of(chunk))
+                            if bits is None:
+                                bits = wanted[pack_of(chunk)] = bytearray(PACK_SLOTS // 8)
+                            slot = chunk & SLOT_MASK
+                            bits[slot >> 3] |= 1 << (slot & 7)
+        finally:
+            db.execute("COMMIT")
+        plan: list[tuple[int, Sequence[int], bool]] = []
+        for pack in sorted(wanted):
+            bits = wanted[pack]
+            slots = [s for s in range(PACK_SLOTS) if bits[s >> 3] >> (s & 7) & 1]
+            plan.append((pack, slots, pack in live))
+        return plan
+
+    def _runs(self, slots: Sequence[int]) -> Iterator[tuple[int, int]]:
+        """(first, last) spans covering ``slots`` (ascending): each one read."""
+        i = 0
+        while i < len(slots):
+            first = last = slots[i]
+            i += 1
+            while (
+                i < len(slots)
+                and slots[i] - last <= self.VERIFY_GAP
+                and slots[i] - first < self.VERIFY_RUN
+            ):
+                last = slots[i]
+                i += 1
+            yield first, last
+
+    def _verify_pack(
+        self,
+        pack: int,
+        slots: Sequence[int],
+        live: bool,
+        buffers: list[mmap.mmap],
+        reader: ThreadPoolExecutor,
+        damaged: dict[int, str],
+        report: VerifyReport,
+        advance: Callable[[int], None],
+    ) -> None:
+        try:
+            fd = _open_unbuffered(self._pack_path(pack), buffers[0])
+        except FileNotFoundError:
+            if not live or not self._pack_retired(pack):
+                for slot in slots:
+                    damaged[make_chunk_id(pack, slot)] = "missing"
+                report.chunks += len(slots)
+                report.bytes += len(slots) * CHUNK_SIZE
+            advance(len(slots))  # else collected since the plan was made: nothing to check
+            return
+        pending: Future[list[str | None]] | None = None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # gc skips a pack it cannot lock
+            if live and self._pack_retired(pack):
+                advance(len(slots))  # collected since the plan was made
+                return
+            report.packs += 1
+            expected = self._pack_digests(pack, slots[0], slots[-1]) if slots else {}
+            unknown: dict[bytes, list[int]] = {}
+            wanted = set(slots) if isinstance(slots, list) else None
+            runs = list(self._runs(slots))
+            with memoryview(buffers[0]) as one, memoryview(buffers[1]) as two:
+                views = (one, two)
+
+                def read(k: int) -> list[str | None]:
+                    first, last = runs[k]
+                    return _scrub_read(fd, views[k % 2][: (last - first + 1) * CHUNK_SIZE], first)
+
+                pending = reader.submit(read, 0) if runs else None
+                for k, (first, _last) in enumerate(runs):
+                    assert pending is not None
+                    states = pending.result()
+                    pending = reader.submit(read, k + 1) if k + 1 < len(runs) else None
+                    view = views[k % 2]
+                    checked = 0
+                    for i, state in enumerate(states):
+                        slot = first + i
+                        if wanted is not None and slot not in wanted:
+                            continue
+                        checked += 1
+                        if state is not None:
+                            damaged[make_chunk_id(pack, slot)] = state
+                            continue
+                        digest = chunk_digest(view[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE])
+                        want = expected.get(slot)
+                        if want is None:
+                            unknown.setdefault(digest, []).append(slot)
+                        elif want != digest:
+                            damaged[make_chunk_id(pack, slot)] = "corrupt"
+                    report.chunks += checked
+                    report.bytes += checked * CHUNK_SIZE
+                    advance(checked)
+            # A chunk without a recorded digest is fine if its content is
+            # recorded under another id (two writers stored it at once).
+            for digest in unknown.keys() - self._known_digests(unknown.keys()):
+                report.unverifiable += len(unknown[digest])
+        finally:
+            if pending is not None:  # an error above: the read ahead must end first
+                with contextlib.suppress(Exception):
+                    pending.result()
+            os.close(fd)
+
+    def _pack_retired(self, pack: int) -> bool:
+        row = self.db.execute("SELECT slots FROM packs WHERE id = ?", (pack,)).fetchone()
+        return row is None or row[0] < 0
+
+    def _chunk_uses(self, chunks: set[int]) -> dict[int, list[ChunkUse]]:
+        """Every VDI and snapshot (checkpoints aside) holding one of ``chunks``, and where."""
+        if not chunks:
+            return {}
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            vdis = {
+                row[0]: row[1:]
+                for row in db.execute(
+                    "SELECT id, uuid, name_label, is_a_snapshot, virtual_size, created FROM vdis"
+                    " WHERE data_destroyed = 0"
+                )
+            }
+            keys = [chunk.to_bytes(8, "little") for chunk in chunks]
+            found: dict[tuple[int, int], list[int]] = {}  # (chunk, vdi row) -> chunk indexes
+            for vdi, idx, blob in db.execute("SELECT vdi, idx, chunks FROM blocks"):
+                if vdi not in vdis or (len(keys) <= 64 and not any(k in blob for k in keys)):
+                    continue
+                for c, chunk in enumerate(array("Q", blob)):
+                    if chunk in chunks:
+                        found.setdefault((chunk, vdi), []).append(idx * CHUNKS_PER_BLOCK + c)
+        finally:
+            db.execute("COMMIT")
+        out: dict[int, list[ChunkUse]] = {}
+        order = sorted(found, key=lambda key: (key[0], vdis[key[1]][4], vdis[key[1]][0]))
+        for chunk, vdi in order:
+            uuid, name, is_a_snapshot, size, _created = vdis[vdi]
+            ranges: list[tuple[int, int]] = []
+            for index in sorted(found[chunk, vdi]):
+                start, end = index * CHUNK_SIZE, min((index + 1) * CHUNK_SIZE, size)
+                if ranges and ranges[-1][1] == start:
+                    ranges[-1] = (ranges[-1][0], end)
+                else:
+                    ranges.append((start, end))
+            out.setdefault(chunk, []).append(ChunkUse(uuid, name, bool(is_a_snapshot), ranges))
+        return out
+
+
+def _open_unbuffered(path: Path, probe: mmap.mmap) -> int:
+    """A pack opened for a scrub: O_DIRECT where the file system takes it
+    (a first read into the page-aligned ``probe`` tells), else buffered."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    else:
+        try:
+            with memoryview(probe) as view:
+                os.preadv(fd, [view[:4096]], 0)
+            return fd
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _scrub_read(fd: int, view: memoryview, first: int) -> list[str | None]:
+    """Read slots from ``first`` into ``view``; each slot's state: None when
+    read whole, else ``missing`` (past the end) or ``unreadable`` (EIO).
+
+    A run the disk fails is read again chunk by chunk, to tell which chunks
+    are unreadable.
+    """
+    count = len(view) // CHUNK_SIZE
+    try:
+        got = os.preadv(fd, [view], first * CHUNK_SIZE)
+    except OSError as exc:
+        if exc.errno != errno.EIO:
+            raise
+    else:
+        return [None if (i + 1) * CHUNK_SIZE <= got else "missing" for i in range(count)]
+    states: list[str | None] = []
+    for i in range(count):
+        piece = view[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE]
+        try:
+            got = os.preadv(fd, [piece], (first + i) * CHUNK_SIZE)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            states.append("unreadable")
+        else:
+            states.append(None if got == CHUNK_SIZE else "missing")
+    return states

@@ -58,6 +58,7 @@ from vdifs.model import (
     ceil_div,
     check_name,
 )
+from vdifs.storage import digests
 from vdifs.storage.backend import Capabilities, WouldBlock, deletion_order
 from vdifs.storage.importlog import ImportJournal, SqliteImportLog
 from vdifs.storage.xapi.api import NULL_REF, ExportRefused, PoolAddress, Session
@@ -212,8 +213,11 @@ class PoolBackend:
     ) -> None:
         self.address = address
         self.session = Session(address, password, ca=ca)
+        self.journal = ImportJournal(
+            _state_home() / "vdifs" / "pools" / f"{address.host}_{address.port}.db"
+        )
         self.imports = SqliteImportLog(
-            ImportJournal(_state_home() / "vdifs" / "pools" / f"{address.host}_{address.port}.db"),
+            self.journal,
             "the process running it stopped; the disk may be partly written:"
             " its snapshot named '<disk> (before import)' holds what it was",
         )
@@ -343,6 +347,13 @@ class PoolBackend:
         except VdifsError as exc:
             raise NotFound(f"no delta of {target} from {base}: {exc}") from None
         return bitmap_allocation(base64.b64decode(encoded), virtual_size)
+
+    def stored_digests(self, uuid: str, generation: int) -> dict[str, str]:
+        return digests.stored(self.journal.db, uuid, generation)
+
+    def store_digests(self, uuid: str, generation: int, found: dict[str, str]) -> None:
+        with self.journal.transaction() as db:
+            digests.store(db, uuid, generation, found)
 
     def last_import(self, uuid: str) -> tuple[bytes | None, str | None, int | None]:
         return None, None, None  # XAPI records no image identity: deltas are applied as given
