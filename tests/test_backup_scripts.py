@@ -3,7 +3,8 @@
 Several "nights" with changes in between: chains, retention, the snapshots
 the backup keeps as the next base, and restores that must equal every
 snapshot that was backed up (checked by the restore script against the
-manifest and here against what the disk held that night).
+manifest and here against what the disk held that night), and the SHA256SUMS
+each chain carries, for coreutils' sha256sum and for vdifs-restore.
 """
 
 from __future__ import annotations
@@ -88,6 +89,37 @@ def entries(chain: Path) -> list[dict[str, str]]:
     ]
 
 
+def sha256sum_check(chain: Path) -> subprocess.CompletedProcess[str]:
+    """The chain checked by coreutils alone, as one would years later without vdifs."""
+    return subprocess.run(
+        ["sha256sum", "-c", "--strict", "SHA256SUMS"],
+        cwd=chain,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def assert_sums_match(chain: Path) -> None:
+    """SHA256SUMS lists every image of the manifest, in order, and sha256sum -c passes."""
+    recorded = entries(chain)
+    sums = "".join(f"{e['file_sha']}  {e['file']}\n" for e in recorded)
+    assert (chain / "SHA256SUMS").read_text() == sums
+    check = sha256sum_check(chain)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.splitlines() == [f"{e['file']}: OK" for e in recorded]
+
+
+def flip_a_byte(path: Path) -> bytes:
+    """Damage a saved image as bit rot would; return what it held."""
+    data = path.read_bytes()
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.chmod(0o600)
+    path.write_bytes(bytes(damaged))
+    return data
+
+
 def snapshots_of(cli: Cli, vdi: str) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = cli.json("vdi", "snapshot-list", vdi, "--json")
     return records
@@ -156,8 +188,10 @@ def test_nightly_vhd_chains_retention_and_restores(
         assert e["file"] == f"{e['snapshot']}.vhd"
         assert sha(kept[0] / e["file"]) == e["file_sha"]
     assert sorted(p.name for p in kept[0].iterdir()) == sorted(
-        ["manifest"] + [e["file"] for e in middle]
+        ["manifest", "SHA256SUMS"] + [e["file"] for e in middle]
     )
+    for chain in kept:
+        assert_sums_match(chain)
     if shutil.which("vhdiinfo"):
         info = subprocess.run(
             ["vhdiinfo", str(kept[0] / middle[2]["file"])], capture_output=True, text=True
@@ -221,6 +255,7 @@ def test_qcow2_verify_chain_checkpoint_base_and_gc(
     assert [Path(i["filename"]).name for i in reversed(names)] == [e["file"] for e in recorded]
     for e in recorded:
         subprocess.run(["qemu-img", "check", "-q", str(chain / e["file"])], check=True)
+    assert_sums_match(chain)
     out = scripts.restore("-m", str(mnt.path), "--via", "mount", "--create", "db-again", str(chain))
     restored = out.stdout.strip()
     assert out.stderr.count("matches snapshot") == 4
@@ -252,7 +287,10 @@ def test_failures_are_loud_and_leave_no_trace(
     fake.unlink()
     assert [s["uuid"] for s in snapshots_of(cli, vdi)] == [base["uuid"]]
     assert [c.name for c in chains(backup, vdi)] == [chain.name]
-    assert sorted(p.name for p in chain.iterdir()) == sorted(["manifest", f"{base['uuid']}.vhd"])
+    assert sorted(p.name for p in chain.iterdir()) == sorted(
+        ["manifest", "SHA256SUMS", f"{base['uuid']}.vhd"]
+    )
+    assert_sums_match(chain)
     # Another run holding the VDI's lock.
     with open(backup / vdi / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -265,11 +303,7 @@ def test_failures_are_loud_and_leave_no_trace(
     assert len(entries(second)) == 1
     # A damaged backup file: restore refuses before importing anything.
     scripts.backup(*opts, "app")
-    delta = second / entries(second)[1]["file"]
-    data = bytearray(delta.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    delta.chmod(0o600)
-    delta.write_bytes(bytes(data))
+    flip_a_byte(second / entries(second)[1]["file"])
     before = len(cli.json("vdi", "list", "--json"))
     result = scripts.restore(str(second), rc=1)
     assert "is damaged" in result.stderr and "nothing imported" in result.stderr
@@ -284,6 +318,81 @@ def test_failures_are_loud_and_leave_no_trace(
     unchecked = chains(backup, vdi)[-1]
     assert entries(unchecked)[0]["raw_sha"] == "-"
     assert "not verified" in scripts.restore(str(unchecked)).stderr
+
+
+def test_sha256sums_travel_with_the_chain(
+    cli: Cli, mnt: Mount, scripts: Scripts, tmp_path: Path
+) -> None:
+    vdi = make_vdi(cli, mnt, "files", "8M")
+    backup = tmp_path / "backup"
+    opts = ["-m", str(mnt.path), "-d", str(backup)]
+    expected = []
+    for n in range(1, 4):
+        expected.append(night(mnt, vdi, n))
+        scripts.backup(*opts, "files")
+        (chain,) = chains(backup, vdi)
+        assert_sums_match(chain)  # rewritten whole at every backup
+    recorded = entries(chain)
+    # The raw.img digests stay in the manifest only: they are of no file there.
+    assert [e["raw_sha"] for e in recorded] == expected
+    assert sorted(p.name for p in chain.iterdir()) == sorted(
+        ["manifest", "SHA256SUMS"] + [e["file"] for e in recorded]
+    )
+    full, delta, last = (chain / e["file"] for e in recorded)
+    target = make_vdi(cli, mnt, "target", "8M")
+    before = sha(mnt.vdi(target) / "raw.img")
+    vdis = len(cli.json("vdi", "list", "--json"))
+
+    def refused() -> str:
+        """vdifs-restore fails, and neither the target nor the SR changed."""
+        result = scripts.restore("-m", str(mnt.path), "--into", target, str(chain), rc=1)
+        assert "nothing imported" in result.stderr and "imported " not in result.stderr
+        assert sha(mnt.vdi(target) / "raw.img") == before
+        assert len(cli.json("vdi", "list", "--json")) == vdis
+        return result.stderr
+
+    # One byte flipped in a delta: sha256sum -c and vdifs-restore both name it.
+    intact = flip_a_byte(delta)
+    check = sha256sum_check(chain)
+    assert check.returncode == 1 and f"{delta.name}: FAILED" in check.stdout
+    stderr = refused()
+    assert f"{delta} is damaged" in stderr and "SHA256SUMS says" in stderr
+    delta.write_bytes(intact)
+    # SHA256SUMS is checked on its own: one that disagrees with the manifest
+    # about an intact file stops the restore too.
+    sums = (chain / "SHA256SUMS").read_text()
+    want = recorded[0]["file_sha"]
+    (chain / "SHA256SUMS").write_text(sums.replace(want, want[::-1]))
+    assert f"{full} matches the manifest but not SHA256SUMS" in refused()
+    (chain / "SHA256SUMS").write_text(sums.replace(f"{want}  {full.name}\n", ""))
+    assert f"SHA256SUMS does not list {full.name}" in refused()
+    (chain / "SHA256SUMS").write_text(sums + "not a checksum line\n")
+    assert "line 4 is not" in refused()
+    (chain / "SHA256SUMS").write_text(sums)
+    # A listed file missing: named, unless the restore stops before it.
+    last.rename(tmp_path / last.name)
+    assert f"{last} is missing" in refused()
+    scripts.restore("--into", target, "--upto", "2", str(chain))
+    assert wait_for(lambda: sha(mnt.vdi(target) / "raw.img") == expected[1], 3)
+    (tmp_path / last.name).rename(last)
+    # A chain from an older vdifs-backup, without SHA256SUMS, still restores,
+    # with a warning, and the manifest still catches a damaged file.
+    (chain / "SHA256SUMS").unlink()
+    out = scripts.restore(str(chain))
+    assert "warning" in out.stderr and "no SHA256SUMS" in out.stderr
+    assert "3 file(s)" in out.stderr and "match the manifest" in out.stderr
+    restored = out.stdout.strip()
+    assert wait_for(lambda: mnt.vdi(restored).exists(), 3)
+    assert sha(mnt.vdi(restored) / "raw.img") == expected[2]
+    intact = flip_a_byte(last)
+    result = scripts.restore(str(chain), rc=1)
+    assert f"{last} is damaged" in result.stderr and "the manifest says" in result.stderr
+    last.write_bytes(intact)
+    # Its next backup gives it a SHA256SUMS listing every image, the old ones too.
+    night(mnt, vdi, 4)
+    scripts.backup(*opts, "files")
+    assert chains(backup, vdi) == [chain] and len(entries(chain)) == 4
+    assert_sums_match(chain)
 
 
 def test_a_dead_daemon_is_reported(cli: Cli, mount_factory: Any, scripts: Scripts) -> None:
