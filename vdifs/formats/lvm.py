@@ -47,6 +47,7 @@ from itertools import pairwise
 from typing import NamedTuple
 
 from vdifs.formats import c_lvm as c
+from vdifs.formats.notes import Notes, listed
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -69,7 +70,6 @@ MAX_EXTENTS = 1 << 20
 segment is one extent; a striped one is one per stripe chunk (a 64 GiB striped
 volume with 64 KiB chunks needs 2^20).  Beyond this, volumes are left out."""
 MAX_NOTES = 64
-MAX_LISTED = 16
 
 STRIPED = "striped"
 """The segment type of linear and striped volumes (``lib/striped/striped.c``)."""
@@ -146,7 +146,7 @@ def find_volume_groups(devices: Sequence[tuple[int, int]], read_at: ReadAt) -> l
 
 def scan(devices: Sequence[tuple[int, int]], read_at: ReadAt) -> LvmScan:
     """Like :func:`find_volume_groups`, with the notes that belong to no volume group."""
-    notes = _Notes()
+    notes = Notes(MAX_NOTES)
     reader = _Reader(read_at)
     pvs: dict[str, _PV] = {}
     for index, (offset, size) in enumerate(devices):
@@ -220,28 +220,6 @@ def read_volume(read_at: ReadAt, volume: LogicalVolume, offset: int, length: int
 # --- helpers -----------------------------------------------------------------------------------
 
 
-class _Notes:
-    def __init__(self) -> None:
-        self._notes: list[str] = []
-        self._dropped = 0
-
-    def add(self, note: str) -> None:
-        if len(self._notes) < MAX_NOTES:
-            self._notes.append(note)
-        else:
-            self._dropped += 1
-
-    def result(self) -> tuple[str, ...]:
-        if self._dropped:
-            return (*self._notes, f"... and {self._dropped} more notes")
-        return tuple(self._notes)
-
-
-def _listed(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED])
-    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
-
-
 class _Reader:
     """``read_at`` for exact reads, with the scan's metadata budget."""
 
@@ -295,7 +273,7 @@ class _PV(NamedTuple):
     """(offset, size) of each metadata area, from the start of the device."""
 
 
-def _probe_label(reader: _Reader, index: int, offset: int, size: int, notes: _Notes) -> _PV | None:
+def _probe_label(reader: _Reader, index: int, offset: int, size: int, notes: Notes) -> _PV | None:
     """The PV label in one of the first four sectors of a device, as ``label.c`` looks for it."""
     scan_size = min(size, c.LABEL_SCAN_SECTORS * c.LABEL_SIZE) // c.LABEL_SIZE * c.LABEL_SIZE
     if offset < 0 or scan_size <= 0:
@@ -341,7 +319,7 @@ def _probe_label(reader: _Reader, index: int, offset: int, size: int, notes: _No
 
 
 def _read_metadata(
-    reader: _Reader, pv: _PV, mda_offset: int, mda_size: int, notes: _Notes
+    reader: _Reader, pv: _PV, mda_offset: int, mda_size: int, notes: Notes
 ) -> bytes | None:
     """The committed metadata text of one area (``_vg_read_raw_area``), without its NUL."""
     where = f"PV {_dashed(pv.uuid)} metadata area at {mda_offset}"
@@ -593,7 +571,7 @@ class _PvPlace(NamedTuple):
 
 
 def _build_group(versions: list[_Copy], pvs: dict[str, _PV], budget: _Budget) -> VolumeGroup:
-    notes = _Notes()
+    notes = Notes(MAX_NOTES)
     best = max(versions, key=lambda v: v.seqno)  # first of the newest: the earliest device
     for other in versions:
         if other.seqno < best.seqno:
@@ -606,7 +584,7 @@ def _build_group(versions: list[_Copy], pvs: dict[str, _PV], budget: _Budget) ->
     logical = vg.sections.get("logical_volumes", _Section())
     duplicates = [*vg.duplicates, *physical.duplicates, *logical.duplicates]
     if duplicates:
-        notes.add(f"names given twice (the first is used): {_listed(duplicates)}")
+        notes.add(f"names given twice (the first is used): {listed(duplicates)}")
 
     places: dict[str, _PvPlace] = {}
     for pv_name, pv_section in physical.sections.items():
@@ -656,7 +634,7 @@ def _build_group(versions: list[_Copy], pvs: dict[str, _PV], budget: _Budget) ->
         else:
             volumes.append(volume)
     if hidden:
-        notes.add(f"hidden sub-volumes not shown: {_listed(hidden)}")
+        notes.add(f"hidden sub-volumes not shown: {listed(hidden)}")
     return VolumeGroup(
         best.name,
         best.uuid,

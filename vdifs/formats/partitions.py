@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from vdifs.formats import c_partitions as c
+from vdifs.formats.notes import Notes, listed
 
 ReadAt = Callable[[int, int], bytes]
 
@@ -51,7 +52,6 @@ MAX_EBRS = 256
 partition, and numbers no partition above 255 on a loop device)."""
 MAX_NOTES = 32
 """Notes kept; a hostile table could otherwise produce one per entry."""
-MAX_LISTED = 16
 """Partition numbers (or overlapping pairs) named in one note before "..."."""
 
 
@@ -129,7 +129,7 @@ _EXTENDED_TYPE_NAMES = frozenset(_mbr_type_name(t) for t in c.EXTENDED_TYPES)
 def read_table(read_at: ReadAt, disk_size: int) -> PartitionTable:
     """The partition table of a disk of ``disk_size`` bytes."""
     disk = _Disk(read_at, disk_size)
-    notes = _Notes()
+    notes = Notes(MAX_NOTES)
     mbr = disk.sector(0)
     if mbr is None:
         notes.add(f"the disk ({disk_size} bytes) is smaller than one sector: no partition table")
@@ -181,28 +181,6 @@ class _Disk:
         return self.read(lba * SECTOR_SIZE, SECTOR_SIZE)
 
 
-class _Notes:
-    def __init__(self) -> None:
-        self._notes: list[str] = []
-        self._dropped = 0
-
-    def add(self, note: str) -> None:
-        if len(self._notes) < MAX_NOTES:
-            self._notes.append(note)
-        else:
-            self._dropped += 1
-
-    def result(self) -> tuple[str, ...]:
-        if self._dropped:
-            return (*self._notes, f"... and {self._dropped} more notes")
-        return tuple(self._notes)
-
-
-def _listed(items: list[str]) -> str:
-    shown = ", ".join(items[:MAX_LISTED])
-    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
-
-
 class _MbrEntry(NamedTuple):
     boot: int
     chs_first: bytes
@@ -224,12 +202,12 @@ class _Candidate(NamedTuple):
     attributes: int = 0
 
 
-def _none(notes: _Notes) -> PartitionTable:
+def _none(notes: Notes) -> PartitionTable:
     return PartitionTable("none", None, (), notes.result())
 
 
 def _finish(
-    disk: _Disk, scheme: str, disk_id: str, found: list[_Candidate], notes: _Notes
+    disk: _Disk, scheme: str, disk_id: str, found: list[_Candidate], notes: Notes
 ) -> PartitionTable:
     """Drop entries starting past the end, clip those crossing it, report overlaps."""
     partitions: list[Partition] = []
@@ -251,16 +229,16 @@ def _finish(
         )
     if dropped:
         notes.add(
-            f"partition(s) {_listed(dropped)} start past the end of the disk"
+            f"partition(s) {listed(dropped)} start past the end of the disk"
             f" ({disk.size} bytes): left out"
         )
     if clipped:
-        notes.add(f"partition(s) {_listed(clipped)} end past the end of the disk: clipped to it")
+        notes.add(f"partition(s) {listed(clipped)} end past the end of the disk: clipped to it")
     _note_overlaps(partitions, notes)
     return PartitionTable(scheme, disk_id, tuple(partitions), notes.result())
 
 
-def _note_overlaps(partitions: list[Partition], notes: _Notes) -> None:
+def _note_overlaps(partitions: list[Partition], notes: Notes) -> None:
     """Name overlapping data partitions (not an extended one with its logical ones).
 
     Overlap is harmless for read-only views; it is reported because it means
@@ -287,14 +265,14 @@ def _note_overlaps(partitions: list[Partition], notes: _Notes) -> None:
                     (min(container.number, other.number), max(container.number, other.number))
                 )
     if pairs:
-        listed = [f"{a} and {b}" for a, b in sorted(pairs)]
-        notes.add(f"overlapping partitions: {_listed(listed)} (all shown: read-only views)")
+        overlaps = [f"{a} and {b}" for a, b in sorted(pairs)]
+        notes.add(f"overlapping partitions: {listed(overlaps)} (all shown: read-only views)")
 
 
 # --- MBR ----------------------------------------------------------------------------------------
 
 
-def _read_mbr(disk: _Disk, mbr: bytes, entries: list[_MbrEntry], notes: _Notes) -> PartitionTable:
+def _read_mbr(disk: _Disk, mbr: bytes, entries: list[_MbrEntry], notes: Notes) -> PartitionTable:
     disk_id = f"0x{c.MBR_DISK_ID.unpack_from(mbr, c.MBR_DISK_ID_OFFSET)[0]:08x}"
     found: list[_Candidate] = []
     next_logical = c.FIRST_LOGICAL_NUMBER
@@ -325,7 +303,7 @@ def _read_ebr_chain(
     next_number: int,
     visited: set[int],
     found: list[_Candidate],
-    notes: _Notes,
+    notes: Notes,
 ) -> int:
     """Follow the chain of EBRs of one extended partition like msdos.c ``parse_extended``.
 
@@ -464,7 +442,7 @@ def _guid(raw: bytes) -> str:
     return str(uuid.UUID(bytes_le=raw))
 
 
-def _read_gpt(disk: _Disk, mbr_entries: list[_MbrEntry], notes: _Notes) -> PartitionTable:
+def _read_gpt(disk: _Disk, mbr_entries: list[_MbrEntry], notes: Notes) -> PartitionTable:
     """GPT behind a protective (or hybrid) MBR, like efi.c ``find_valid_gpt``."""
     last_lba = disk.sectors - 1
     if not any(e.type == c.TYPE_GPT_PROTECTIVE and e.lba == c.GPT_PRIMARY_LBA for e in mbr_entries):
@@ -534,7 +512,7 @@ def _read_gpt(disk: _Disk, mbr_entries: list[_MbrEntry], notes: _Notes) -> Parti
             )
         )
     if backwards:
-        notes.add(f"GPT entries {_listed(backwards)} end before they start: left out")
+        notes.add(f"GPT entries {listed(backwards)} end before they start: left out")
     return _finish(disk, "gpt", _guid(header.disk_guid), found, notes)
 
 
