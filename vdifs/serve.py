@@ -76,6 +76,8 @@ PIECE = 1 << 20  # bytes read and sent at a time
 MAX_HEADERS = 16 * 1024
 RECEIVE = 256 * 1024
 REFRESH_INTERVAL = 1.0
+LINGER_SECONDS = 5.0  # reading an unwanted request body before closing (see _linger)
+LINGER_BYTES = 256 << 20
 
 # vdifs's errors as HTTP statuses, with XAPI's error names in the body.
 _STATUS: list[tuple[type[VdifsError], int, str]] = [
@@ -200,13 +202,28 @@ class Server:
             else:
                 raise Reply(405, b"method not allowed\n", [("Allow", "GET, HEAD, PUT")])
         except Reply as reply:
-            await self._drain(conn, stream)
             await _send_simple(conn, stream, reply.status, reply.body, reply.headers)
+            await self._linger(conn, stream)
         except VdifsError as exc:
             status, name = http_status(exc)
             log.info("%s %s: %s", request.method, request.path, exc)
-            await self._drain(conn, stream)
             await _send_simple(conn, stream, status, _error_body(name, str(exc)))
+            await self._linger(conn, stream)
+
+    async def _linger(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
+        """After answering a request early, read and drop the body it is still sending
+        (for a while, up to a bound) before the connection closes: closing with unread
+        bytes makes the kernel reset the connection, and the client may lose the answer.
+        A client that sent ``Expect: 100-continue`` got no 100 and sends no body."""
+        if conn.their_state is not h11.SEND_BODY:
+            return
+        budget = LINGER_BYTES
+        with trio.move_on_after(LINGER_SECONDS):
+            while budget > 0:
+                data = await stream.receive_some(RECEIVE)
+                if not data:
+                    break
+                budget -= len(data)
 
     async def _drain(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
         """Read what is left of a request body we do not want (bounded), or give up on
