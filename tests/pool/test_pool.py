@@ -364,3 +364,66 @@ def test_the_cli_exports_and_imports_without_a_mount(
     assert sha(Path(pool.control.disk_path(vdi))) == sha(raw)
     statuses = json.loads(pool_cli("import-status", "--json"))
     assert statuses[0]["state"] == "done" and "snapshotted as" in statuses[0]["notes"]
+
+
+def test_more_disks_read_at_once_than_readers_kept(
+    pool: PoolInfo, pool_cli: PoolCli, xapi: Xapi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers of other VDIs evict one in use (xapi-nbd's 16 connections per host):
+    its reads go on through a fresh one, never EIO."""
+    import threading
+    from urllib.parse import urlsplit
+
+    from vdifs.storage.xapi import pool as pool_module
+    from vdifs.storage.xapi.api import PoolAddress
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    snaps = []
+    for n in range(pool_module.READERS + 2):
+        vdi = new_disk(pool_cli, xapi, f"many{n}", 8 * MiB)
+        write_guest(pool, vdi, 0, os.urandom(8 * MiB))
+        snaps.append(pool_cli("vdi", "snapshot", vdi))
+    expected = {s: Path(pool.control.disk_path(s)).read_bytes() for s in snaps}
+    backend = pool_module.PoolBackend(
+        PoolAddress.parse(f"xapi://{pool.user}@127.0.0.1:{urlsplit(pool.url).port}"),
+        pool.password,
+        ca=Path(pool.ca),
+        scratch=tmp_path / "cache",
+    )
+    errors: list[BaseException] = []
+
+    def read_all(snap: str) -> None:
+        try:
+            _, content = backend.state(snap)
+            for _ in range(3):
+                for offset in range(0, 8 * MiB, MiB):
+                    buf = bytearray(MiB)
+                    backend.read_into(content, offset, memoryview(buf))
+                    assert buf == expected[snap][offset : offset + MiB]
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=read_all, args=(s,)) for s in snaps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        # Deterministically: the reader of snaps[0] is evicted in the middle of a read.
+        _, first = backend.state(snaps[0])
+        reader = backend._reader(first)
+        original = reader.read_into
+
+        def evicted_meanwhile(offset: int, buf: memoryview) -> None:
+            for other in snaps[1 : 1 + pool_module.READERS]:
+                backend._reader(backend.state(other)[1])
+            assert reader.closed
+            original(offset, buf)
+
+        reader.read_into = evicted_meanwhile  # type: ignore[method-assign]
+        buf = bytearray(MiB)
+        backend.read_into(first, 3 * MiB, memoryview(buf))
+        assert buf == expected[snaps[0]][3 * MiB : 4 * MiB]
+    finally:
+        backend.close()

@@ -631,6 +631,10 @@ class NbdReader:
         view[lo - offset : mid - offset] = memoryview(data)[lo - start : mid - start]
         view[mid - offset : hi - offset] = bytes(hi - mid)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Stops read-ahead and closes idle connections; busy ones close when done."""
         with self._lock:

@@ -70,12 +70,13 @@ log = logging.getLogger(__name__)
 
 WATCHED_CLASSES = ["vdi", "vbd", "vm", "sr"]
 EVENT_WAIT = 30.0  # seconds event.from waits for a change
-# xapi-nbd takes at most 16 connections per host: 4 VDIs read at once, 4 connections each.
-READERS = 4
-NBD_CONNECTIONS = 4
-# Each connection carries one segment at a time: 4 MiB segments keep 16 MiB in flight
-# per VDI (20 ms of latency then costs a quarter of a second per 200 MB), and a reader
-# holds at most 12 of them (48 MiB; 192 MiB for 4 VDIs).
+# xapi-nbd takes at most 16 connections per host: 2 VDIs read at once, 8 connections
+# each (a backup copies a snapshot or two at a time; a third VDI evicts the oldest).
+READERS = 2
+NBD_CONNECTIONS = 8
+# Each connection carries one segment at a time: 4 MiB segments keep 32 MiB in flight
+# per VDI (at 20 ms of latency, 4.4 times one connection: docs/performance.md), and a
+# reader holds at most 12 of them (48 MiB; 96 MiB for 2 VDIs).
 NBD_SEGMENT = 4 << 20
 NBD_CACHE_SEGMENTS = 12
 NBD_READAHEAD = 6
@@ -375,7 +376,13 @@ class PoolBackend:
                 return
             raise WouldBlock
         try:
-            reader.read_into(offset, buf)
+            try:
+                reader.read_into(offset, buf)
+            except NbdError:
+                if not reader.closed:
+                    raise
+                # Evicted by reads of other VDIs meanwhile: a fresh reader takes over.
+                self._reader(content).read_into(offset, buf)
         except NbdError as exc:
             # A reader learns EIO (or EACCES for a certificate), the log learns why.
             log.warning("reading VDI %s over NBD: %s", content.uuid, exc)
