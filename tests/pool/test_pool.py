@@ -14,8 +14,10 @@ import mmap
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import trustme
@@ -372,7 +374,6 @@ def test_more_disks_read_at_once_than_readers_kept(
     """Readers of other VDIs evict one in use (xapi-nbd's 16 connections per host):
     its reads go on through a fresh one, never EIO."""
     import threading
-    from urllib.parse import urlsplit
 
     from vdifs.storage.xapi import pool as pool_module
     from vdifs.storage.xapi.api import PoolAddress
@@ -427,3 +428,57 @@ def test_more_disks_read_at_once_than_readers_kept(
         assert buf == expected[snaps[0]][3 * MiB : 4 * MiB]
     finally:
         backend.close()
+
+
+def test_vdifs_serve_on_a_pool(
+    pool: PoolInfo, pool_cli: PoolCli, xapi: Xapi, tmp_path: Path
+) -> None:
+    """The HTTPS side serves a pool as it serves the embedded SR."""
+    import trustme
+
+    vdi = new_disk(pool_cli, xapi, "served", 6 * MiB)
+    write_guest(pool, vdi, MiB, os.urandom(2 * MiB))
+    snap = pool_cli("vdi", "snapshot", vdi)
+    raw = disk_copy(pool, snap, tmp_path / "snap.raw")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(tmp_path / "server.pem")
+    )
+    (tmp_path / "tokens").write_text("pool-token\n")
+    env = {
+        **os.environ,
+        "VDIFS_XAPI_PASSWORD": pool.password,
+        "XDG_CACHE_HOME": str(Path(pool.state_dir) / "cache"),
+        "XDG_STATE_HOME": str(Path(pool.state_dir) / "state"),
+    }
+    port = urlsplit(pool.url).port
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "vdifs", "--sr", f"xapi://{pool.user}@127.0.0.1:{port}"),
+            *("--ca", str(pool.ca), "serve", "--listen", "127.0.0.1:0"),
+            *("--cert", str(tmp_path / "server.pem"), "--token-file", str(tmp_path / "tokens")),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        assert server.stdout is not None
+        listening = int(server.stdout.readline().decode().split()[-1])
+        url = (
+            f"https://localhost:{listening}/export_raw_vdi?vdi={snap}&format=vhd"
+            "&session_id=pool-token"
+        )
+        got = tmp_path / "got.vhd"
+        subprocess.run(
+            ["curl", "-sSf", "--cacert", str(tmp_path / "ca.pem"), "-o", str(got), url],
+            check=True,
+            timeout=60,
+        )
+        qemu_compare(got, raw, "-f", "vpc")
+        pool_cli("export", snap, str(tmp_path / "cli.vhd"), "--format", "vhd")
+        assert sha(got) == sha(tmp_path / "cli.vhd")
+    finally:
+        server.terminate()
+        server.wait(10)
