@@ -14,7 +14,6 @@ import dataclasses
 import errno
 import hashlib
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import needs_tool
 from vdifs.storage.xapi.nbd import (
     IHAVEOPT,
     NBD_CMD_DISC,
@@ -44,7 +44,7 @@ from vdifs.storage.xapi.nbd import (
 )
 
 trustme = pytest.importorskip("trustme")
-pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
+pytestmark = needs_tool("nbdkit")  # installed by ./dev setup
 
 MiB = 1 << 20
 SIZE = 64 * MiB

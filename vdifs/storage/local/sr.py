@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import mmap
 import os
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from vdifs.errors import (
-    Busy,
     InvalidArgument,
     NotFound,
     ReadOnly,
@@ -69,6 +67,7 @@ from vdifs.storage.local.layout import (
 )
 from vdifs.storage.local.vms import Vms
 from vdifs.storage.local.writer import ChunkWriter
+from vdifs.storage.locks import import_lock_fd
 
 log = logging.getLogger(__name__)
 
@@ -787,16 +786,7 @@ class LocalSR:
 
     def import_lock(self, key: str) -> _FdPin:
         """Hold the one-import-per-target lock (a flock in staging/); Busy if held."""
-        # Hashed: a key is a uuid or a VDI name of up to 255 bytes, longer than a file name allows.
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        path = self.staging_dir / f"{digest}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise Busy(f"an import into {key} is already in progress") from None
-        return _FdPin([fd])
+        return _FdPin([import_lock_fd(self.staging_dir, key)])
 
     def scratch_file(self) -> tuple[Path, int]:
         path = self.staging_dir / f"{secrets.token_hex(8)}.upload"

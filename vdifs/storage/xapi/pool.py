@@ -20,7 +20,6 @@ import base64
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -61,6 +60,7 @@ from vdifs.model import (
 from vdifs.storage import digests
 from vdifs.storage.backend import Capabilities, WouldBlock, deletion_order
 from vdifs.storage.importlog import ImportJournal, SqliteImportLog
+from vdifs.storage.locks import import_lock_fd
 from vdifs.storage.xapi.api import NULL_REF, ExportRefused, PoolAddress, Session
 from vdifs.storage.xapi.nbd import NbdError, NbdReader, NbdTarget
 from vdifs.storage.xapi.records import PoolView, build_view
@@ -231,7 +231,6 @@ class PoolBackend:
         self._maps: dict[str, tuple[int, PoolMap]] = {}  # uuid -> (generation, map)
         self._closed = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._import_keys: set[str] = set()
         base = scratch or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         self._scratch = _scratch_dir(base / "vdifs" / "pool-scratch")
         self.reload()
@@ -337,9 +336,6 @@ class PoolBackend:
 
     def _sr_of(self, record: VdiRecord) -> str:
         return str(json.loads(record.extra or "{}").get("SR"))
-
-    def allocation_known(self, record: VdiRecord) -> bool:
-        return self._sr_of(record) not in self._view.raw_srs
 
     def changed_chunks(self, base: str, target: str, virtual_size: int) -> Allocation:
         """``VDI.list_changed_blocks(base, target)`` as chunks (zeroed ones included)."""
@@ -566,15 +562,8 @@ class PoolBackend:
     # -- imports ----------------------------------------------------------------------------
 
     def import_lock(self, key: str) -> _Pin:
-        """One import per target on this host (a flock) and in this process."""
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        lock_dir = Path(self._scratch.name).parent
-        fd = os.open(lock_dir / f"{digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise Busy(f"an import into {key} is already in progress") from None
+        """One import per target on this host (a flock beside the scratch space)."""
+        fd = import_lock_fd(Path(self._scratch.name).parent, key)
         return _Pin(lambda: os.close(fd))
 
     def scratch_file(self) -> tuple[Path, int]:

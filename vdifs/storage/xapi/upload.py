@@ -23,7 +23,7 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from vdifs.errors import Busy, InvalidArgument, PoolError, ReadOnly, VdifsError
+from vdifs.errors import Busy, InvalidArgument, ReadOnly, VdifsError
 from vdifs.formats.base import Data, ImageIdentity, Meta, Zero
 from vdifs.formats.vhd import VhdLayout
 from vdifs.model import (
@@ -234,6 +234,3 @@ class PoolWriter:
     def __exit__(self, *exc: object) -> None:
         if not self._done:
             self.abort()
-
-
-__all__ = ["PoolError", "PoolWriter"]
