@@ -156,7 +156,17 @@ def test_a_disk_without_a_table_and_a_live_disk_that_changes(
 ) -> None:
     vdi = cli("vdi", "create", "blank", "--size", str(16 * MiB))
     assert wait_for(lambda: mnt.vdi(vdi).exists(), 3)
+    # Never written: nothing to show (and nothing for ls -lR to walk).
+    assert "partitions" not in os.listdir(mnt.vdi(vdi))
+    assert not (mnt.vdi(vdi) / "lvm").exists()
+    # Data without a table: the directories come, saying so.
+    with open(mnt.vdi(vdi) / "raw.img", "r+b") as f:
+        f.seek(MiB)
+        f.write(b"\xab" * 65536)
+    assert wait_for(lambda: (mnt.vdi(vdi) / "partitions").exists(), 5)
     assert os.listdir(mnt.vdi(vdi) / "partitions") == ["table.json"]
+    table = json.loads((mnt.vdi(vdi) / "partitions" / "table.json").read_text())
+    assert table["scheme"] == "none"
     assert os.listdir(mnt.vdi(vdi) / "lvm") == []
     # sfdisk writes a table into the live disk: the tree follows.
     image = tmp_path / "table.img"

@@ -497,7 +497,8 @@ class Tree:
         if record.data_destroyed:
             return entries  # a checkpoint: no data, only what deltas need
         entries += [("delta-from", DeltasDir(uuid, view)), ("raw.img", RawImage(uuid))]
-        entries += [("partitions", PartitionsDir(uuid, view)), ("lvm", LvmDir(uuid, view))]
+        if self._may_hold_volumes(record):
+            entries += [("partitions", PartitionsDir(uuid, view)), ("lvm", LvmDir(uuid, view))]
         for fmt in IMAGE_FORMATS:
             if format_supports(fmt, record.virtual_size):
                 entries.append((f"full.{fmt}", FullImage(uuid, fmt)))
@@ -506,6 +507,15 @@ class Tree:
         if record.is_a_snapshot:
             entries.append(("SHA256SUMS", ChecksumsFile(uuid)))
         return sorted(entries, key=_by_name)
+
+    def _may_hold_volumes(self, record: VdiRecord) -> bool:
+        """Whether a disk gets partitions/ and lvm/: not a disk that was never
+        written (an empty block map holds no table and no PV, and a thousand empty
+        directories would double what ``ls -lR`` asks of the mount), nor a
+        checkpoint.  A remote backend's map is not loaded to list a directory."""
+        if record.data_destroyed:
+            return False
+        return self.sr.capabilities.remote or self.state(record.uuid).content.chunk_count > 0
 
     def lookup(self, parent: Node, name: str) -> Node:
         # Direct answers for the large directories, without listing them.
@@ -571,16 +581,20 @@ class Tree:
             case RawImage(uuid) | FullImage(uuid) | DeltasDir(uuid):
                 return not self.record(uuid).data_destroyed  # a checkpoint has no data
             case PartitionsDir(uuid) | LvmDir(uuid) | PartitionTableFile(uuid):
-                return not self.record(uuid).data_destroyed
+                return self._may_hold_volumes(self.record(uuid))
             case LvmNotesFile(uuid):
-                return not self.record(uuid).data_destroyed and bool(self.volumes(uuid).lvm_notes())
+                return self._may_hold_volumes(self.record(uuid)) and bool(
+                    self.volumes(uuid).lvm_notes()
+                )
             case PartitionImage(uuid, name):
-                return not self.record(uuid).data_destroyed and (
+                return self._may_hold_volumes(self.record(uuid)) and (
                     name in self.volumes(uuid).partition_files()
                 )
             case VgDir(uuid, vg) | VgMetadataFile(uuid, vg):
-                return not self.record(uuid).data_destroyed and vg in self.volumes(uuid).groups
+                return self._may_hold_volumes(self.record(uuid)) and vg in self.volumes(uuid).groups
             case LvImage(uuid, vg, name):
+                if not self._may_hold_volumes(self.record(uuid)):
+                    return False
                 volumes = self.volumes(uuid)
                 return vg in volumes.groups and name in volumes.volume_files(vg)
             case DeltaImage(uuid, base):
