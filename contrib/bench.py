@@ -42,19 +42,23 @@ Caches
     ``echo 1 > /proc/sys/vm/drop_caches`` would also evict those and make every
     path as slow as the disk.
 
-What is measured (MB = 10**6 bytes, medians over ``--runs`` rounds)
+What is measured (MB = 10**6 bytes, ``--runs`` rounds)
     Each round runs every path once.  Paths are grouped with the peers they
     are compared with (raw.img with the qemu-storage-daemon raw export,
     full.vhd with xmount, ...) and a group runs back to back, so a ratio
     compares measurements taken moments apart; the groups' order rotates by
     one each round and the order inside a group alternates.  Ratios are
-    computed per round and their median is reported.
+    computed per round; the report gives each one's median, min-max and
+    every round (see "Ratios" below).
 
     vdifs (SR mounted once with ``vdifs mount``):
       * ``dd bs=1M`` of S2's raw.img, full.vhd, full.qcow2, delta-from/S1.vhd
         and delta-from/S1.qcow2: file bytes read per second;
-      * ``sha256sum`` of full.vhd (the same on the page-cached copy, once,
-        shows the hasher's own limit; not with --quick);
+      * ``sha256sum`` of full.vhd, and in the same group of the VHD copy in
+        the page cache: the hasher's own limit.  Debian's sha256sum is
+        CPU-bound (110-160 MB/s on the 2-CPU machine of docs/performance.md)
+        and reads 32 KiB at a time, so their ratio tells how much the FUSE
+        path slows a CPU-bound reader of small buffers;
       * 4 ``dd`` readers at once on S1 and S2's full.vhd and full.qcow2:
         total bytes / wall time;
       * 2000 random 64 KiB ``os.pread`` of raw.img (fixed seed): IOPS;
@@ -64,6 +68,13 @@ What is measured (MB = 10**6 bytes, medians over ``--runs`` rounds)
         (fresh, so no chunk is deduplicated): virtual bytes per second, timed
         until ``cp`` returns, i.e. after close() applied and fsynced the
         import;
+      * the floor of that import: ``cp`` of the same VHD and qcow2, timed the
+        same way, into contrib/bench_nullfs.py, a pyfuse3 file system mounted
+        and run as vdifs is (the same FUSE options, main loop, no writeback
+        cache, an upload's FileInfo flags) that counts the bytes written and
+        discards them (the count must equal the image's size): what FUSE and
+        pyfuse3 alone cost before vdifs parses, hashes or stores anything.
+        Virtual bytes per second, like the imports; it runs in their groups;
       * daemon peak RSS: VmHWM of each vdifs daemon just before it unmounts
         (the main mount after all rounds, the import and ls mounts each run).
 
@@ -80,26 +91,54 @@ What is measured (MB = 10**6 bytes, medians over ``--runs`` rounds)
       * ``dd bs=1M`` of disk.raw from the page cache: the limit.
 
 Ratios (the RESULT line)
-    vhd_vs_xmount       vdifs full.vhd MB/s / xmount vhd MB/s
+    Each ratio below is computed per round (the RSS figures and
+    delta_vhd_bytes_ratio are single figures).  The report prints a table of them: the median of
+    the rounds, the target where there is one (``TARGETS``), min-max and
+    every round.  Then a warning for each whose rounds differ by more than
+    1.5 times (max / min), to be read as noise, and a line sorting the
+    targets into met (median and every round), met at the median only (a
+    round outside; raw_vs_qsd's rounds have a bound of their own, >= 1.5),
+    missed, and n/a; a missed target with a floor (``FLOORS``: the ratio of
+    the same path with vdifs' own work left out) says whether the floor
+    misses it too, i.e. whether vdifs could meet it at all on this machine.
+
+    The RESULT line gives each ratio's median under its key, ``<key>_min``
+    and ``<key>_max`` for each per-round ratio with a target, and
+    ``spread_warnings`` (how many warnings were printed).
+
+    vhd_vs_xmount       vdifs full.vhd MB/s / xmount vhd MB/s (>= 2.0)
     https_vs_fuse_vhd   full.vhd by curl from ``vdifs serve`` (HTTPS) MB/s / the same
                         file read through the FUSE mount MB/s
     raw_vs_qsd          vdifs raw.img MB/s / qemu-storage-daemon raw MB/s
-    qcow2_vs_qsd        vdifs full.qcow2 MB/s / qemu-storage-daemon qcow2 MB/s
+                        (>= 2.0, and no round below 1.5)
+    qcow2_vs_qsd        vdifs full.qcow2 MB/s / qemu-storage-daemon qcow2 MB/s (>= 2.0)
     delta_cost_ratio    time to read delta-from/S1.vhd, divided by the time
                         vdifs would need to read only the changed bytes (the
                         64 KiB chunks S2 rewrote, counted while writing them)
                         at the speed it reads S2's raw.img in the same round.
-                        1.0 means a delta costs no more than its payload.  A
+                        1.0 means a delta costs no more than its payload
+                        (target <= 1.5).  A
                         VHD carries whole 2 MiB blocks, so the delta file is
                         larger than its payload (delta_vhd_bytes_ratio); only
                         serving it faster than raw.img makes up for that.
                         delta_qcow2_cost_ratio is the same for the qcow2
                         delta, whose file carries 64 KiB clusters.
-    import_vs_qemu_img  vdifs cp-import of the VHD MB/s / ``qemu-img convert
-                        -f vpc -O raw`` MB/s (import_vhd_vs_qemu_img); the
-                        qcow2 pair is import_qcow2_vs_qemu_img
-    rss_mib             the largest VmHWM of any vdifs daemon, MiB
-    ls_lr_1000_s        seconds for ``ls -lR`` of the 1000-VDI mount
+    import_vhd_vs_qemu_img  vdifs cp-import of the VHD MB/s / ``qemu-img convert
+                        -f vpc -O raw`` MB/s (>= 1.0); the qcow2 pair is
+                        import_qcow2_vs_qemu_img (>= 1.0).  import_vs_qemu_img
+                        repeats the VHD's median (older scripts read it)
+    import_floor_vhd_vs_qemu_img  the null FS's cp of the VHD MB/s / the same
+                        qemu-img MB/s: the floor of import_vhd_vs_qemu_img.
+                        Below 1.0, pyfuse3's write path alone is slower than
+                        qemu-img's whole conversion, and no change to vdifs
+                        can bring the import to 1.0 on this machine;
+                        import_floor_qcow2_vs_qemu_img is the qcow2's
+    import_vhd_vs_floor vdifs cp-import of the VHD MB/s / the null FS's: the
+                        share of the floor's speed vdifs keeps
+    sha256_vs_page_cache  sha256sum of full.vhd MB/s / sha256sum of the VHD
+                        copy in the page cache MB/s (>= 0.8)
+    rss_mib             the largest VmHWM of any vdifs daemon, MiB (< 200)
+    ls_lr_1000_s        seconds for ``ls -lR`` of the 1000-VDI mount (< 1.0)
 
     Context, not targets: vhd_wall_vs_xmount (xmount's time to read its fixed
     VHD / vdifs' time to read full.vhd: a sparse disk's backup takes less time
@@ -152,17 +191,17 @@ The pool section
     each round.  The 0 ms and the 20 ms paths are two groups, rotated and
     alternated like the others.
 
-    pool_vhd_vs_nbdcopy               vdifs full.vhd MB/s / nbdcopy MB/s, 0 ms
+    pool_vhd_vs_nbdcopy               vdifs full.vhd MB/s / nbdcopy MB/s, 0 ms (>= 0.8)
     pool_client_vs_nbdcopy            vdifs's NBD client alone (one connection, no FUSE)
-                                      / nbdcopy, 0 ms: the floor of Python's TLS reads
-                                      (target >= 0.8)
+                                      / nbdcopy, 0 ms: the floor of Python's TLS reads,
+                                      under pool_vhd_vs_nbdcopy's target
     pool_vhd_vs_nbdcopy_20ms          the same at 20 ms
     pool_vhd_vs_one_connection_20ms   vdifs full.vhd MB/s / the one-request
                                       nbdcopy MB/s, 20 ms (target >= 4)
     pool_rss_mib                      the largest VmHWM of the pool mounts' daemons
-    The report prints each pool ratio's spread (min-max) and per-round values
-    next to its median; the RESULT line adds the pool's disk sizes and MB/s
-    medians.  rss_mib above stays the local section's.
+    The pool ratios are reported like the others; the RESULT line adds the
+    pool's disk sizes and MB/s medians.  rss_mib above stays the local
+    section's.
 
 Whatever happens (an error, Ctrl-C, SIGTERM) every mount is unmounted, the
 daemons started here are stopped and the temporary directory is removed.
@@ -173,7 +212,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
+import operator
 import os
 import random
 import re
@@ -190,7 +231,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 MIB = 1 << 20
@@ -228,7 +269,60 @@ DELAY_DISK = 128 * MIB * min(4, max(2, os.cpu_count() or 2))
 DELAY_MS = 20
 ONE_REQUEST = 2 * MIB  # the one-connection peer's request size: vdifs' segment size
 NBD_TARGETS: dict[str, Any] = {}  # snapshot uuid -> NbdTarget, for the client-alone probe
-POOL_TARGETS = {"pool_vhd_vs_nbdcopy": ">= 0.8", "pool_vhd_vs_one_connection_20ms": ">= 4"}
+NULLFS = Path(__file__).resolve().with_name("bench_nullfs.py")  # the import's floor
+
+# A ratio: each round's value, a single figure (an RSS, a size ratio), or None (n/a).
+Figure: TypeAlias = list[float] | float | None
+COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, "<": operator.lt
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio's target: its median ``op bound``, and each round ``op rounds`` (or, without
+    ``rounds``, ``op bound`` like the median, for the target to be met in every round)."""
+
+    op: str
+    bound: float
+    rounds: float | None = None
+
+    def met_by(self, value: float, *, one_round: bool = False) -> bool:
+        bound = self.rounds if one_round and self.rounds is not None else self.bound
+        return COMPARE[self.op](value, bound)
+
+    def worst(self, values: list[float]) -> float:
+        return min(values) if self.op == ">=" else max(values)
+
+    def __str__(self) -> str:
+        text = f"{self.op} {self.bound}"
+        return text if self.rounds is None else f"{text}, rounds {self.op} {self.rounds}"
+
+
+TARGETS = {
+    "vhd_vs_xmount": Target(">=", 2.0),
+    "raw_vs_qsd": Target(">=", 2.0, rounds=1.5),
+    "qcow2_vs_qsd": Target(">=", 2.0),
+    "delta_cost_ratio": Target("<=", 1.5),
+    "import_vhd_vs_qemu_img": Target(">=", 1.0),
+    "import_qcow2_vs_qemu_img": Target(">=", 1.0),
+    "sha256_vs_page_cache": Target(">=", 0.8),
+    "rss_mib": Target("<", 200),
+    "ls_lr_1000_s": Target("<", 1.0),
+    "pool_vhd_vs_nbdcopy": Target(">=", 0.8),
+    "pool_vhd_vs_one_connection_20ms": Target(">=", 4.0),
+}
+# A target's floor: the same comparison with vdifs' own work left out (pyfuse3's write
+# path alone, vdifs's NBD client alone).  A floor that misses the target too means no
+# change to vdifs can meet it on this machine.
+FLOORS = {
+    "import_vhd_vs_qemu_img": "import_floor_vhd_vs_qemu_img",
+    "import_qcow2_vs_qemu_img": "import_floor_qcow2_vs_qemu_img",
+    "pool_vhd_vs_nbdcopy": "pool_client_vs_nbdcopy",
+}
+REPEATS = {"import_vhd_vs_qemu_img": "import_vs_qemu_img"}  # also in RESULT under that key
+SPREAD_WARNING = 1.5  # rounds whose max / min exceeds this: the figure is noise
+MEDIAN_ONLY = "met at the median only"  # a target's status when a round falls outside
 
 T0 = time.monotonic()
 
@@ -429,8 +523,8 @@ class Resources:
 
     workdir: Path
     vdifs_mounts: list[VdifsMount] = field(default_factory=list)
-    fuse_mounts: list[Path] = field(default_factory=list)  # xmount
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)  # qsd
+    fuse_mounts: list[Path] = field(default_factory=list)  # xmount, the null FS
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)  # qsd, the null FS
     pools: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # fake pools
 
     def mount_vdifs(
@@ -459,10 +553,32 @@ class Resources:
         if mount in self.vdifs_mounts:
             self.vdifs_mounts.remove(mount)
 
+    def start_daemon(self, what: str, cmd: list[str], mountpoint: Path) -> None:
+        """Start a FUSE daemon that serves ``mountpoint`` in the foreground (its output
+        in a log of the work directory); return once it is mounted.  close() stops it."""
+        log_path = self.workdir / f"{mountpoint.name}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it
+            )
+        self.processes.append(proc)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                text = log_path.read_text(errors="replace")
+                raise RuntimeError(f"{what} exited: {text.strip()}")
+            return mounted(mountpoint)
+
+        wait_until(up, f"{what} to mount {mountpoint}")
+
     def start_qsd(self, image: Path, driver: str, export: Path) -> None:
         export.touch()
-        log = open(self.workdir / f"qsd-{export.name}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
+        self.start_daemon(
+            "qemu-storage-daemon",
             [
                 "qemu-storage-daemon",
                 "--blockdev",
@@ -472,21 +588,15 @@ class Resources:
                 "--export",
                 f"type=fuse,id=e,node-name=d,mountpoint={export},writable=off",
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,  # Ctrl-C reaches the benchmark, which stops it
+            export,
         )
-        log.close()
-        self.processes.append(proc)
 
-        def up() -> bool:
-            if proc.poll() is not None:
-                text = (self.workdir / f"qsd-{export.name}.log").read_text(errors="replace")
-                raise RuntimeError(f"qemu-storage-daemon exited: {text.strip()}")
-            return mounted(export)
-
-        wait_until(up, f"the qemu-storage-daemon export {export}")
+    def start_nullfs(self, mountpoint: Path) -> Path:
+        """contrib/bench_nullfs.py on ``mountpoint``: unmounted at close, then stopped."""
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.start_daemon("the null FS", [sys.executable, str(NULLFS), str(mountpoint)], mountpoint)
+        self.fuse_mounts.append(mountpoint)
+        return mountpoint
 
     def start_xmount(self, image: Path, mountpoint: Path) -> Path:
         mountpoint.mkdir(parents=True, exist_ok=True)
@@ -568,7 +678,6 @@ class Probe:
     label: str
     unit: str
     measure: Callable[[], float]
-    every_round: bool = True  # False: a reference measured in the first round only
     values: list[float] = field(default_factory=list)
 
     @property
@@ -646,6 +755,13 @@ def qemu_img_convert_mbps(src: Path, src_fmt: str, dst: Path, dst_fmt: str) -> f
     size = dst.stat().st_size
     dst.unlink()
     return size / seconds / MB
+
+
+def timed_cp(source: Path, target: Path) -> float:
+    """Seconds ``cp`` takes, after an ``os.sync``: as in qemu_img_restore_mbps, the copy
+    (an import's durability) must not pay for other files' dirty pages."""
+    os.sync()
+    return timed(["cp", str(source), str(target)])
 
 
 def qemu_img_restore_mbps(src: Path, src_fmt: str, dst: Path, virtual_size: int) -> float:
@@ -805,7 +921,6 @@ class Bench:
         self.pool: bool = args.pool or not args.no_pool  # the pool section
         self.pool_size: int = args.pool_size
         self.pool_disks: list[PoolDisk] = []  # DELAY_MS = 0, then DELAY_MS
-        self.spreads: dict[str, list[float]] = {}  # per-round values of the pool's ratios
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -922,6 +1037,8 @@ class Bench:
             self.xmount_vhd = self.res.start_xmount(self.raw, self.work / "xmount")
         if shutil.which("curl"):
             self.start_serve()
+        self.nullfs = self.res.start_nullfs(self.work / "nullfs")
+        self.null_copies = itertools.count(1)  # a new file each copy, as each import creates
         if self.peers["qemu-storage-daemon"]:
             self.qsd_raw = self.work / "qsd-raw"
             self.qsd_qcow2 = self.work / "qsd-qcow2"
@@ -986,10 +1103,8 @@ class Bench:
 
     # -- the paths ---------------------------------------------------------------------
 
-    def probe(
-        self, key: str, label: str, unit: str, measure: Callable[[], float], *, once: bool = False
-    ) -> list[Probe]:
-        probe = Probe(key, label, unit, measure, every_round=not once)
+    def probe(self, key: str, label: str, unit: str, measure: Callable[[], float]) -> list[Probe]:
+        probe = Probe(key, label, unit, measure)
         self.probes[key] = probe
         return [probe]
 
@@ -1046,10 +1161,8 @@ class Bench:
                          partial(dd_mbps, f["delta_qcow2"])),
             self.probe("sha_vhd", "sha256sum vdifs full.vhd", "MB/s",
                        partial(sha256sum_mbps, f["vhd"], self.vhd_sha))
-            + ([] if self.quick else  # a constant of the machine: not worth --quick's time
-               self.probe("sha_cache", "sha256sum of the VHD copy, page cache (limit, once)",
-                          "MB/s", partial(sha256sum_mbps, self.vhd_copy, self.vhd_sha, cached=True),
-                          once=True)),
+            + self.probe("sha_cache", "sha256sum of the VHD copy, page cache (limit)", "MB/s",
+                         partial(sha256sum_mbps, self.vhd_copy, self.vhd_sha, cached=True)),
             self.probe("four", "vdifs 4 readers (S1+S2 full.vhd+full.qcow2)", "MB/s",
                        partial(parallel_dd_mbps, four)),
             self.probe("rand", f"vdifs raw.img random {kib} reads", "IOPS",
@@ -1057,15 +1170,24 @@ class Bench:
             + self.peer(qsd, "qsd_rand", f"qemu-storage-daemon raw random {kib} reads", "IOPS",
                         lambda: random_read_iops(self.qsd_raw, self.size)),
             self.probe("ls", f"vdifs ls -lR of a fresh mount, {SMALL_VDIS} VDIs", "s", self.ls_lr),
-            self.probe("imp_vhd", "vdifs cp of the VHD into import/", "MB/s",
-                       partial(self.cp_import, self.vhd_copy, "vhd"))
-            + self.peer(qi, "qi_imp_vhd", "qemu-img convert vpc -> raw file, fsync", "MB/s",
-                        partial(qemu_img_restore_mbps, self.vhd_copy, "vpc", out, self.size)),
-            self.probe("imp_qcow2", "vdifs cp of the qcow2 into import/", "MB/s",
-                       partial(self.cp_import, self.qcow2_copy, "qcow2"))
-            + self.peer(qi, "qi_imp_qcow2", "qemu-img convert qcow2 -> raw file, fsync", "MB/s",
-                        partial(qemu_img_restore_mbps, self.qcow2_copy, "qcow2", out, self.size)),
+            self.import_group(self.vhd_copy, "vhd", "VHD", "vpc", out),
+            self.import_group(self.qcow2_copy, "qcow2", "qcow2", "qcow2", out),
         ]  # fmt: skip
+
+    def import_group(
+        self, image: Path, fmt: str, name: str, qemu_fmt: str, out: Path
+    ) -> list[Probe]:
+        """An image imported by vdifs, restored by qemu-img (to ``out``), and copied into
+        the null FS: the floor of vdifs' import, pyfuse3's write path alone."""
+        restore = partial(qemu_img_restore_mbps, image, qemu_fmt, out, self.size)
+        floor = f"pyfuse3 write path alone: cp of the {name} into a null FS"
+        return (
+            self.probe(f"imp_{fmt}", f"vdifs cp of the {name} into import/", "MB/s",
+                       partial(self.cp_import, image, fmt))
+            + self.peer("qemu-img", f"qi_imp_{fmt}",
+                        f"qemu-img convert {qemu_fmt} -> raw file, fsync", "MB/s", restore)
+            + self.probe(f"null_{fmt}", floor, "MB/s", partial(self.cp_null, image))
+        )  # fmt: skip
 
     def define_pool_probes(self) -> None:
         fast, slow = self.pool_disks
@@ -1104,10 +1226,7 @@ class Bench:
         sr = self.work / "sr-import"
         mount = self.res.mount_vdifs(sr, self.work / "mnt-import")
         try:
-            os.sync()  # as for qemu-img: time this import's own durability only
-            start = time.perf_counter()
-            run(["cp", str(source), str(mount.mountpoint / "import" / f"restored.{fmt}")])
-            seconds = time.perf_counter() - start
+            seconds = timed_cp(source, mount.mountpoint / "import" / f"restored.{fmt}")
             self.rss.setdefault(f"import_{fmt}", []).append(vm_hwm_mib(mount.pid))
             restored = mount.mountpoint / "by-name" / "restored"
             wait_until(restored.exists, "the restored VDI to appear", 5)
@@ -1116,6 +1235,15 @@ class Bench:
         finally:
             self.res.unmount_vdifs(mount)
             shutil.rmtree(sr, ignore_errors=True)
+        return self.size / seconds / MB
+
+    def cp_null(self, source: Path) -> float:
+        """cp an image into the null FS, timed like cp_import: virtual MB/s."""
+        copy = self.nullfs / f"copy-{next(self.null_copies)}{source.suffix}"
+        seconds = timed_cp(source, copy)
+        counted, size = copy.stat().st_size, source.stat().st_size  # its size: bytes counted
+        if counted != size:
+            raise RuntimeError(f"the null FS counted {counted} bytes of {source}, not {size}")
         return self.size / seconds / MB
 
     # -- rounds, ratios and the report ---------------------------------------------------
@@ -1142,64 +1270,43 @@ class Bench:
         self.load.append(os.getloadavg()[0])
 
     def run_probe(self, probe: Probe, round_no: int) -> None:
-        if round_no and not probe.every_round:
-            return
         value = probe.measure()
         probe.values.append(value)
         say(f"round {round_no + 1}/{self.runs}: {probe.label}: {value:.3g} {probe.unit}")
 
-    def per_round(self, fn: Callable[[int], float]) -> float:
-        return statistics.median(fn(i) for i in range(self.runs))
-
-    def ratio(self, mine: str, theirs: str) -> float | None:
+    def ratio(self, mine: str, theirs: str) -> list[float] | None:
+        """Each round's ``mine / theirs``; None (n/a) when either was not measured."""
         if mine not in self.probes or theirs not in self.probes:
             return None
         a, b = self.probes[mine].values, self.probes[theirs].values
-        return self.per_round(lambda i: a[i] / b[i])
+        return [x / y for x, y in zip(a, b, strict=True)]
 
-    def spread_ratio(self, key: str, mine: str, theirs: str) -> float | None:
-        """``ratio``, keeping the per-round values for the report (``self.spreads``)."""
-        if mine not in self.probes or theirs not in self.probes:
-            return None
-        a, b = self.probes[mine].values, self.probes[theirs].values
-        self.spreads[key] = [a[i] / b[i] for i in range(self.runs)]
-        return statistics.median(self.spreads[key])
-
-    def delta_cost(self, key: str) -> float:
-        """Median over rounds of: time to read the delta / its payload at raw.img speed."""
+    def delta_cost(self, key: str) -> list[float]:
+        """Each round's time to read the delta / its payload at raw.img's speed."""
         raw, delta = self.probes["raw"].values, self.probes[key].values
         size = self.f[key].stat().st_size
+        return [(size / d) / (self.changed_bytes / r) for d, r in zip(delta, raw, strict=True)]
 
-        def cost(i: int) -> float:
-            return (size / delta[i]) / (self.changed_bytes / raw[i])
-
-        return self.per_round(cost)
-
-    def ratios(self) -> dict[str, float | None]:
+    def figures(self) -> dict[str, Figure]:
         """The local section's ratios, then the pool section's (n/a when it was skipped)."""
-        ratios = self.local_ratios() if self.local else {}
-        return ratios | self.pool_ratios()
+        figures = self.local_figures() if self.local else {}
+        return figures | self.pool_figures()
 
-    def pool_ratios(self) -> dict[str, float | None]:
+    def pool_figures(self) -> dict[str, Figure]:
         pool_rss = [v for k, values in self.rss.items() if k.startswith("pool") for v in values]
         return {
-            "pool_vhd_vs_nbdcopy": self.spread_ratio("pool_vhd_vs_nbdcopy", "pool_vhd",
-                                                     "pool_nbdcopy"),
-            "pool_vhd_vs_nbdcopy_20ms": self.spread_ratio("pool_vhd_vs_nbdcopy_20ms",
-                                                          "pool_vhd_20ms", "pool_nbdcopy_20ms"),
-            "pool_vhd_vs_one_connection_20ms": self.spread_ratio(
-                "pool_vhd_vs_one_connection_20ms", "pool_vhd_20ms", "pool_one_20ms"),
-            "pool_client_vs_nbdcopy": self.spread_ratio(
-                "pool_client_vs_nbdcopy", "pool_client", "pool_nbdcopy"),
+            "pool_vhd_vs_nbdcopy": self.ratio("pool_vhd", "pool_nbdcopy"),
+            "pool_vhd_vs_nbdcopy_20ms": self.ratio("pool_vhd_20ms", "pool_nbdcopy_20ms"),
+            "pool_vhd_vs_one_connection_20ms": self.ratio("pool_vhd_20ms", "pool_one_20ms"),
+            "pool_client_vs_nbdcopy": self.ratio("pool_client", "pool_nbdcopy"),
             "pool_rss_mib": max(pool_rss) if pool_rss else None,
-        }  # fmt: skip
+        }
 
-    def local_ratios(self) -> dict[str, float | None]:
-        xmount_wall = None
-        if "xmount" in self.probes:
+    def local_figures(self) -> dict[str, Figure]:
+        xmount_wall = self.ratio("vhd", "xmount")
+        if xmount_wall is not None:
             size_ratio = self.xmount_vhd.stat().st_size / self.f["vhd"].stat().st_size
-            xmount_wall = self.ratio("vhd", "xmount")
-            xmount_wall = None if xmount_wall is None else xmount_wall * size_ratio
+            xmount_wall = [r * size_ratio for r in xmount_wall]
         return {
             "vhd_vs_xmount": self.ratio("vhd", "xmount"),
             "https_vs_fuse_vhd": self.ratio("https_vhd", "vhd"),
@@ -1208,19 +1315,22 @@ class Bench:
             "delta_cost_ratio": self.delta_cost("delta_vhd"),
             "delta_qcow2_cost_ratio": self.delta_cost("delta_qcow2"),
             "delta_vhd_bytes_ratio": self.f["delta_vhd"].stat().st_size / self.changed_bytes,
-            "import_vs_qemu_img": self.ratio("imp_vhd", "qi_imp_vhd"),
             "import_vhd_vs_qemu_img": self.ratio("imp_vhd", "qi_imp_vhd"),
+            "import_floor_vhd_vs_qemu_img": self.ratio("null_vhd", "qi_imp_vhd"),
             "import_qcow2_vs_qemu_img": self.ratio("imp_qcow2", "qi_imp_qcow2"),
+            "import_floor_qcow2_vs_qemu_img": self.ratio("null_qcow2", "qi_imp_qcow2"),
+            "import_vhd_vs_floor": self.ratio("imp_vhd", "null_vhd"),
+            "sha256_vs_page_cache": self.ratio("sha_vhd", "sha_cache"),
             "vhd_wall_vs_xmount": xmount_wall,
             "vhd_vs_qemu_img_convert": self.ratio("vhd", "qi_vpc"),
             "raw_vs_page_cache": self.ratio("raw", "cache"),
             "rand_vs_qsd": self.ratio("rand", "qsd_rand"),
             "rss_mib": max(max(v) for k, v in self.rss.items() if not k.startswith("pool")),
-            "ls_lr_1000_s": self.probes["ls"].median,
+            "ls_lr_1000_s": list(self.probes["ls"].values),
         }
 
     def report(self) -> None:
-        ratios = self.ratios()
+        figures = self.figures()
         print()
         disk = f"disk {self.size / MIB:.0f} MiB, " if self.local else ""
         print(
@@ -1241,15 +1351,10 @@ class Bench:
                 f"snapshot, full.vhd {d.vhd.stat().st_size / MIB:.2f} MiB"
             )
         print()
-        print("ratios (median of per-round ratios; the pool's: min-max and each round):")
-        width = max(len(key) for key in ratios)
-        for key, value in ratios.items():
-            line = f"  {key:{width}} {fmt_value(value)}"
-            if values := self.spreads.get(key):
-                target = f"target {POOL_TARGETS[key]}" if key in POOL_TARGETS else ""
-                line = f"{line:{width + 10}} {target:14} min-max {min(values):.3f}-"
-                line += f"{max(values):.3f}, rounds " + " ".join(f"{v:.3f}" for v in values)
-            print(line)
+        print("ratios (the median of the rounds, the target, min-max and each round):")
+        print("\n".join(ratio_table(figures)))
+        warnings = spread_warnings(figures)
+        print("\n".join(["", *warnings, target_summary(figures)]))
         print()
         width = max(len(p.label) for p in self.probes.values())
         print(f"{'path':{width}}  {'median':>10}  unit  runs")
@@ -1261,7 +1366,8 @@ class Bench:
             runs = " ".join(f"{v:.4g}" for v in values)
             print(f"{label:{width}}  {max(values):10.4g}  MiB   {runs}")
         print()
-        extras: dict[str, float | int | None] = {"size_mib": self.size / MIB} if self.local else {}
+        extras: dict[str, float | int | None] = {"spread_warnings": len(warnings)}
+        extras |= {"size_mib": self.size / MIB} if self.local else {}
         extras["runs"] = self.runs
         if self.local:
             extras |= {
@@ -1276,8 +1382,96 @@ class Bench:
         for key in ("pool_vhd", "pool_nbdcopy", "pool_vhd_20ms", "pool_nbdcopy_20ms",
                     "pool_one_20ms"):  # fmt: skip
             extras[f"{key}_mbps"] = self.probes[key].median if key in self.probes else None
-        fields = {**ratios, **extras}
+        fields = {**result_fields(figures), **extras}
         print("RESULT " + " ".join(f"{k}={fmt_value(v)}" for k, v in fields.items()))
+
+
+def median_of(figure: Figure) -> float | None:
+    """A figure's median over its rounds (a single figure, or None, as it is)."""
+    return statistics.median(figure) if isinstance(figure, list) else figure
+
+
+def target_status(target: Target, figure: Figure) -> str:
+    """Whether a figure meets its target: "met" (the median and every round), "met at the
+    median only", "missed" or "n/a"."""
+    median = median_of(figure)
+    if median is None:
+        return "n/a"
+    if not target.met_by(median):
+        return "missed"
+    rounds = figure if isinstance(figure, list) else [median]
+    if all(target.met_by(value, one_round=True) for value in rounds):
+        return "met"
+    return MEDIAN_ONLY
+
+
+def ratio_table(figures: dict[str, Figure]) -> list[str]:
+    """A line a ratio: its median, its target, min-max and each round."""
+    width = max(len(key) for key in figures)
+    lines = []
+    for key, figure in figures.items():
+        target = TARGETS.get(key, "")
+        line = f"  {key:{width}}  {fmt_value(median_of(figure)):>7}  {target!s:22}"
+        if isinstance(figure, list):
+            spread = f"{fmt_value(min(figure))}-{fmt_value(max(figure))}"
+            line += f"  {spread:13}  " + " ".join(map(fmt_value, figure))
+        lines.append(line.rstrip())
+    return lines
+
+
+def spread_warnings(figures: dict[str, Figure]) -> list[str]:
+    """A warning for each ratio whose rounds differ by more than SPREAD_WARNING times."""
+    warnings = []
+    for key, figure in figures.items():
+        if not isinstance(figure, list):
+            continue
+        low, high = min(figure), max(figure)
+        if high > SPREAD_WARNING * low:
+            warnings.append(
+                f"warning: {key}: rounds differ by {high / low:.2f}x (min {fmt_value(low)}, "
+                f"max {fmt_value(high)}): read this figure as noise"
+            )
+    return warnings
+
+
+def target_summary(figures: dict[str, Figure]) -> str:
+    """One line: the targets met, met at the median only, missed, and n/a."""
+    by_status: dict[str, list[str]] = {s: [] for s in ("met", MEDIAN_ONLY, "missed", "n/a")}
+    for key, target in TARGETS.items():
+        if key in figures:  # else the other section's (--pool)
+            status = target_status(target, figures[key])
+            by_status[status].append(key + target_note(key, status, figures))
+    listed = (f"{status}: {', '.join(keys)}" for status, keys in by_status.items() if keys)
+    return "targets " + "; ".join(listed)
+
+
+def target_note(key: str, status: str, figures: dict[str, Figure]) -> str:
+    """What the summary adds to a target not met in every round: its median, its worst
+    round, and whether the floor of a missed one meets it."""
+    target, figure = TARGETS[key], figures[key]
+    if status in ("met", "n/a"):
+        return ""
+    note = f" {fmt_value(median_of(figure))}"
+    if status == MEDIAN_ONLY and isinstance(figure, list):
+        note += f" (a round at {fmt_value(target.worst(figure))})"
+    floor = median_of(figures.get(FLOORS.get(key, "")))
+    if status == "missed" and floor is not None:
+        reach = "meets it" if target.met_by(floor) else "misses it too"
+        note += f" (its floor {FLOORS[key]} {fmt_value(floor)} {reach})"
+    return note
+
+
+def result_fields(figures: dict[str, Figure]) -> dict[str, float | int | None]:
+    """The RESULT line's ratios: each median, and min and max of those with a target."""
+    fields: dict[str, float | int | None] = {}
+    for key, figure in figures.items():
+        fields[key] = median_of(figure)
+        if key in TARGETS and not isinstance(figure, float):  # measured per round, or n/a
+            fields[f"{key}_min"] = min(figure) if figure else None
+            fields[f"{key}_max"] = max(figure) if figure else None
+        if key in REPEATS:
+            fields[REPEATS[key]] = fields[key]
+    return fields
 
 
 def code_version() -> str:
