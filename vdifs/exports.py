@@ -20,6 +20,8 @@ from vdifs.model import CHUNK_SIZE, Allocation, VdiRecord
 from vdifs.storage.backend import Backend, ContentMap
 
 FORMATS = ("raw", "vhd", "qcow2")
+ZEROS = bytes(1 << 20)  # shared by reads of ranges that hold no data (the largest FUSE read)
+Buffer = bytes | bytearray | memoryview
 IMAGE_FORMATS = ("vhd", "qcow2")
 MAX_VHD_SIZE = 2040 << 30  # VHD's limit (XAPI max_vhd_size, qemu refuses more)
 
@@ -137,6 +139,22 @@ class Export:
         if pos != len(buf):
             raise AssertionError(f"layout covered {pos} of {len(buf)} bytes at {offset}")
         return buf
+
+    def read_shared(self, offset: int, length: int, *, nowait: bool = False) -> Buffer:
+        """:meth:`read` for a reader that only passes the bytes on (FUSE, HTTP).
+
+        A range of the raw disk known to hold no data (half of a sparse
+        disk's raw.img) is a view of one shared block of zeros: no buffer to
+        allocate, fill and copy.  The bytes must not be changed.
+        """
+        end = min(offset + length, self.size)
+        if (
+            self.layout is None
+            and 0 < end - offset <= len(ZEROS)
+            and not self.state.content.holds_data(offset, end - offset)
+        ):
+            return memoryview(ZEROS)[: end - offset]
+        return self.read(offset, length, nowait=nowait)
 
     def copy_to(
         self,

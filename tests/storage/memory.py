@@ -55,6 +55,10 @@ class MemoryMap:
     def allocation(self) -> Allocation:
         return _allocation(self.virtual_size, sorted(self.chunks))
 
+    def holds_data(self, offset: int, length: int) -> bool:
+        first, last = offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE
+        return any(c in self.chunks for c in range(first, last + 1))
+
     def diff(self, base: Any) -> Allocation:
         assert isinstance(base, MemoryMap)
         limit = ceil_div(self.virtual_size, CHUNK_SIZE)

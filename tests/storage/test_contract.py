@@ -143,6 +143,24 @@ def test_a_commit_is_all_or_nothing(backend: Backend) -> None:
         write(backend, uuid, {64: a})  # past the end
 
 
+def test_holds_data_never_hides_data(backend: Backend) -> None:
+    """``holds_data`` may say True of zeros, never False of data (reads of a range it
+    calls empty are answered with shared zeros, without reading)."""
+    uuid = backend.create_vdi("d", 8 * MiB).uuid
+    write(backend, uuid, {3: os.urandom(CHUNK_SIZE), 70: os.urandom(CHUNK_SIZE)})
+    snap = backend.snapshot(uuid).uuid  # immutable: what a backend can be sure of
+    for state in (uuid, snap):
+        _, content = backend.state(state)
+        for offset, length in [(0, 8 * MiB), (3 * CHUNK_SIZE + 1, 1), (2 * MiB, 4 * MiB)]:
+            assert content.holds_data(offset, length)
+        assert content.holds_data(3 * CHUNK_SIZE - 1, 2)  # straddles into chunk 3
+    _, content = backend.state(snap)
+    if backend.capabilities.allocation_unit == CHUNK_SIZE:
+        assert not content.holds_data(4 * CHUNK_SIZE, 66 * CHUNK_SIZE - 1)
+        assert not content.holds_data(71 * CHUNK_SIZE, 8 * MiB - 71 * CHUNK_SIZE)
+    assert not content.holds_data(6 * MiB, 2 * MiB)  # a block never written
+
+
 def test_a_state_read_is_a_point_in_time(backend: Backend) -> None:
     uuid = backend.create_vdi("d", 2 * MiB).uuid
     old = os.urandom(CHUNK_SIZE)

@@ -29,7 +29,7 @@ import pyfuse3
 import trio
 
 from vdifs.errors import NotFound, ReadOnly, VdifsError
-from vdifs.exports import Export
+from vdifs.exports import Buffer, Export
 from vdifs.fs.nodes import (
     ROOT,
     ChecksumsFile,
@@ -391,8 +391,10 @@ class VdifsOperations(pyfuse3.Operations):
         export = handle.export
         assert export is not None
 
-        async def read_at(offset: int, length: int) -> bytearray:
-            return await nonblocking(lambda nowait: export.read(offset, length, nowait=nowait))
+        async def read_at(offset: int, length: int) -> Buffer:
+            return await nonblocking(
+                lambda nowait: export.read_shared(offset, length, nowait=nowait)
+            )
 
         # Small reads in order are served from bytes read ahead (vdifs.fs.window).
         return cast(bytes, await self._windows.get(fh, export.size).read(off, size, read_at))

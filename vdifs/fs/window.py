@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
+from vdifs.exports import Buffer
+
 WINDOW = 1 << 20  # the most one read fetches: the size of a direct_io request
 AHEAD = 16  # a window holds this many of the reader's requests
 SMALL = 256 << 10  # requests below this, in order, are served from a window
@@ -33,12 +35,12 @@ class ReadWindow:
     def __init__(self, file_size: int) -> None:
         self.file_size = file_size
         self.start = 0
-        self.data = bytearray()
+        self.data: Buffer = b""
         self.next_offset = 0  # where the reader's last request ended
 
     async def read(
-        self, offset: int, size: int, read_at: Callable[[int, int], Awaitable[bytearray]]
-    ) -> bytearray | memoryview:
+        self, offset: int, size: int, read_at: Callable[[int, int], Awaitable[Buffer]]
+    ) -> Buffer:
         """The bytes at ``offset``: from the window, by reading ahead, or as asked."""
         piece = self.piece(offset, size)
         if piece is not None:
@@ -69,7 +71,7 @@ class ReadWindow:
         LIMIT at once) read at most AHEAD times what they asked for."""
         return min(WINDOW, size * AHEAD)
 
-    def fill(self, offset: int, size: int, data: bytearray) -> memoryview:
+    def fill(self, offset: int, size: int, data: Buffer) -> memoryview:
         """Hold ``data`` (read at ``offset``); the first ``size`` bytes answer now."""
         self.start, self.data = offset, data
         first = memoryview(data)[:size]  # data ends where the file does

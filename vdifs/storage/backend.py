@@ -92,6 +92,11 @@ class ContentMap(Protocol):
         included: what a delta carries.  Chunks past the smaller disk compare with zeros."""
         ...
 
+    def holds_data(self, offset: int, length: int) -> bool:
+        """Whether the disk's range may hold data: False only when it is known to
+        read as zeros (without reading it)."""
+        ...
+
 
 class Pin(Protocol):
     """Something held until released (an open view's data, an import's target)."""

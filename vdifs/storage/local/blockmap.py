@@ -105,6 +105,10 @@ class BlockMap:
             chunk += n
         return out
 
+    def holds_data(self, offset: int, length: int) -> bool:
+        first = offset // CHUNK_SIZE
+        return any(self.chunk_ids(first, (offset + length - 1) // CHUNK_SIZE - first + 1))
+
     def allocation(self) -> Allocation:
         """Every non-zero chunk: what a full image carries."""
         return Allocation(self.virtual_size, self.indexes, self.masks)
