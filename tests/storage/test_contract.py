@@ -161,6 +161,19 @@ def test_holds_data_never_hides_data(backend: Backend) -> None:
     assert not content.holds_data(6 * MiB, 2 * MiB)  # a block never written
 
 
+def test_read_into_writes_every_byte(backend: Backend) -> None:
+    """Readers hand read_into buffers that are not cleared first (vdifs.exports)."""
+    uuid = backend.create_vdi("d", 6 * MiB).uuid
+    data = os.urandom(CHUNK_SIZE)
+    write(backend, uuid, {2: data})
+    _, content = backend.state(backend.snapshot(uuid).uuid)
+    expected = bytes(2 * CHUNK_SIZE) + data + bytes(6 * MiB - 3 * CHUNK_SIZE)
+    for offset, length in [(0, 6 * MiB), (CHUNK_SIZE - 5, CHUNK_SIZE + 10), (4 * MiB, MiB)]:
+        buf = bytearray(b"\xee" * length)
+        backend.read_into(content, offset, memoryview(buf))
+        assert buf == expected[offset : offset + length]
+
+
 def test_a_state_read_is_a_point_in_time(backend: Backend) -> None:
     uuid = backend.create_vdi("d", 2 * MiB).uuid
     old = os.urandom(CHUNK_SIZE)
