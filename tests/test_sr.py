@@ -288,6 +288,36 @@ def test_a_chunk_stored_early_is_read_back_whole(sr: LocalSR, direct: bool) -> N
         head, tail = tail, head
 
 
+def test_direct_writes_fill_whole_buffers_across_calls(
+    sr: LocalSR, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import's runs (a megabyte, a chunk stitched from two FUSE writes) share
+    O_DIRECT buffers: one pwrite per 4 MiB of consecutive slots, not one per call;
+    a chunk that is already stored (no new slot) and the commit break nothing."""
+    calls: list[int] = []
+    write_exactly = writer._write_exactly
+
+    def counted(fd: int, buffer: object, length: int, offset: int) -> None:
+        calls.append(length)
+        write_exactly(fd, buffer, length, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "_write_exactly", counted)
+    chunks = 150
+    record = sr.create_vdi("disk", chunks * CHUNK_SIZE)
+    data = [os.urandom(CHUNK_SIZE) for _ in range(chunks)]
+    data[70] = data[3]  # stored already: no slot, the buffer goes on filling
+    w = ChunkWriter(sr, record.uuid, replace=True, direct=True)
+    first = 0
+    for size in [1, 15, 1, 15, 3, 40, 1, 74]:
+        w.write_chunks(first, b"".join(data[first : first + size]))
+        first += size
+    assert first == chunks
+    w.commit()
+    content = sr.state(record.uuid)[1]
+    assert sr.read(content, 0, chunks * CHUNK_SIZE) == b"".join(data)
+    assert calls == [64 * CHUNK_SIZE, 64 * CHUNK_SIZE, 21 * CHUNK_SIZE]
+
+
 def test_growing_zeroes_what_the_old_last_chunk_held_past_the_end(sr: LocalSR) -> None:
     """Bytes past a disk's end are never data; once the disk grows they must read as zeros."""
     size = CHUNK_SIZE + 512

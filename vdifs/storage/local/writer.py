@@ -9,6 +9,7 @@ import mmap
 import os
 import secrets
 import sqlite3
+import struct
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -156,13 +157,16 @@ class ChunkWriter:
         stored = self._store([pieces[i] for i in data_at])
         for i, chunk_id in zip(data_at, stored, strict=True):
             ids[i] = chunk_id
-        for i, chunk_id in enumerate(ids):
+        i = 0
+        while i < count:  # block by block: one slice of the row each
             block, c = divmod(first + i, CHUNKS_PER_BLOCK)
+            n = min(count - i, CHUNKS_PER_BLOCK - c)
             row = self._rows.get(block)
             if row is None:
                 row = self._rows[block] = bytearray(ROW_BYTES)
-            row[c * 8 : c * 8 + 8] = chunk_id.to_bytes(8, "little")
-            self._written[block] = self._written.get(block, 0) | 1 << c
+            row[c * 8 : (c + n) * 8] = struct.pack(f"<{n}Q", *ids[i : i + n])
+            self._written[block] = self._written.get(block, 0) | ((1 << n) - 1) << c
+            i += n
         self.chunks_written += count
 
     def _store(self, pieces: list[memoryview]) -> list[int]:
@@ -428,9 +432,14 @@ class _DirectWrites:
     """O_DIRECT writes of new packs, behind the caller, through aligned buffers.
 
     O_DIRECT needs page-aligned memory; chunks arrive in arbitrary buffers,
-    so a run is copied into one of a few mmap'ed buffers (a memcpy, far
+    so they are copied into one of a few mmap'ed buffers (a memcpy, far
     cheaper than the page-cache allocation it avoids) and written from
     there by one background thread, while the caller hashes the next run.
+    Consecutive slots of one pack fill a buffer across calls (an import
+    stores a megabyte at a time, and a chunk stitched from two FUSE writes
+    on its own): a buffer is written once full, or when the next slot does
+    not follow it, or at :meth:`flush`.  So a 4 MiB ``pwrite`` and one
+    thread hand-off per 64 chunks, not one per call.
     A failed write is raised by the next :meth:`write` or by :meth:`flush`.
     """
 
@@ -439,10 +448,15 @@ class _DirectWrites:
 
     def __init__(self) -> None:
         self._fds: dict[int, int] = {}
-        size = self.BUFFER_CHUNKS * CHUNK_SIZE
-        self._buffers = [mmap.mmap(-1, size) for _ in range(self.BUFFERS)]
+        self._size = self.BUFFER_CHUNKS * CHUNK_SIZE
+        self._buffers = [mmap.mmap(-1, self._size) for _ in range(self.BUFFERS)]
         self._busy: list[Future[None] | None] = [None] * self.BUFFERS
         self._next = 0
+        # The buffer being filled: its index, descriptor, file offset and bytes held.
+        self._fill: int | None = None
+        self._fill_fd = -1
+        self._fill_offset = 0
+        self._fill_length = 0
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="vdifs-pack-writer")
 
     def open(self, pack: int, path: Path) -> bool:
@@ -458,22 +472,39 @@ class _DirectWrites:
         return True
 
     def write(self, pack: int, pieces: list[memoryview], offset: int) -> bool:
-        """Queue a run of chunks at ``offset``; False if this pack takes no direct writes."""
+        """Queue a run of whole chunks at ``offset``; False if this pack takes no direct writes."""
         fd = self._fds.get(pack)
         if fd is None:
             return False
-        for start in range(0, len(pieces), self.BUFFER_CHUNKS):
-            slot = self._next
-            self._next = (slot + 1) % self.BUFFERS
-            self._wait(slot)
-            buffer = self._buffers[slot]
-            batch = pieces[start : start + self.BUFFER_CHUNKS]
-            for i, piece in enumerate(batch):
-                buffer[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] = piece
-            self._busy[slot] = self._thread.submit(
-                _write_exactly, fd, buffer, len(batch) * CHUNK_SIZE, offset + start * CHUNK_SIZE
-            )
+        for piece in pieces:
+            if self._fill is not None and (
+                self._fill_fd != fd
+                or self._fill_offset + self._fill_length != offset
+                or self._fill_length == self._size
+            ):
+                self._submit()
+            if self._fill is None:
+                slot = self._next
+                self._next = (slot + 1) % self.BUFFERS
+                self._wait(slot)
+                self._fill, self._fill_fd, self._fill_offset = slot, fd, offset
+                self._fill_length = 0
+            at = self._fill_length
+            self._buffers[self._fill][at : at + CHUNK_SIZE] = piece
+            self._fill_length = at + CHUNK_SIZE
+            offset += CHUNK_SIZE
+        if self._fill is not None and self._fill_length == self._size:
+            self._submit()
         return True
+
+    def _submit(self) -> None:
+        """Hand the buffer being filled to the writing thread."""
+        slot = self._fill
+        assert slot is not None
+        self._fill = None
+        self._busy[slot] = self._thread.submit(
+            _write_exactly, self._fill_fd, self._buffers[slot], self._fill_length, self._fill_offset
+        )
 
     def _wait(self, slot: int) -> None:
         busy = self._busy[slot]
@@ -482,7 +513,9 @@ class _DirectWrites:
             busy.result()
 
     def flush(self) -> None:
-        """Wait for every queued write; raise the first error."""
+        """Write what is queued and wait for it; raise the first error."""
+        if self._fill is not None:
+            self._submit()
         for slot in range(self.BUFFERS):
             self._wait(slot)
 
