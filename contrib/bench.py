@@ -65,7 +65,8 @@ What is measured (MB = 10**6 bytes, ``--runs`` rounds)
       * 4 ``dd`` readers at once on S1 and S2's full.vhd and full.qcow2:
         total bytes / wall time;
       * 2000 random 64 KiB ``os.pread`` of raw.img (fixed seed): IOPS;
-      * ``ls -lR`` of a fresh mount of a separate SR with 1000 empty VDIs;
+      * ``ls -lR`` of a fresh mount of a separate SR with 1000 empty VDIs,
+        and of the same tree's shape served from dicts by pyfuse3 alone;
       * import by ``cp`` of S2's VHD and qcow2 (copied out of the mount) into
         ``import/<name>.vhd|.qcow2`` of a fresh, empty SR mounted for that run
         (fresh, so no chunk is deduplicated): virtual bytes per second, timed
@@ -147,6 +148,10 @@ Ratios (the RESULT line)
                         read() is one FUSE round trip that sha256sum waits for)
     rss_mib             the largest VmHWM of any vdifs daemon, MiB (< 200)
     ls_lr_1000_s        seconds for ``ls -lR`` of the 1000-VDI mount (< 1.0)
+    ls_lr_floor_s       seconds for ``ls -lR`` of the same tree's shape served by
+                        contrib/bench_nullfs.py --tree (pyfuse3 with no work
+                        behind it, on a fresh mount each round): the floor
+                        under ls_lr_1000_s; ls_lr_vs_floor is their ratio
 
     Context, not targets: vhd_wall_vs_xmount (xmount's time to read its fixed
     VHD / vdifs' time to read full.vhd: a sparse disk's backup takes less time
@@ -229,6 +234,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import statistics
 import struct
 import subprocess
@@ -328,6 +334,7 @@ FLOORS = {
     "import_vhd_vs_qemu_img": "import_floor_vhd_vs_qemu_img",
     "import_qcow2_vs_qemu_img": "import_floor_qcow2_vs_qemu_img",
     "pool_vhd_vs_nbdcopy": "pool_client_vs_nbdcopy",
+    "ls_lr_1000_s": "ls_lr_floor_s",
 }
 REPEATS = {"import_vhd_vs_qemu_img": "import_vs_qemu_img"}  # also in RESULT under that key
 SPREAD_WARNING = 1.5  # rounds whose max / min exceeds this: the figure is noise
@@ -612,6 +619,12 @@ class Resources:
         self.fuse_mounts.append(mountpoint)
         return mountpoint
 
+    def start_treefs(self, tree: Path, mountpoint: Path) -> None:
+        """contrib/bench_nullfs.py --tree on ``mountpoint`` (the caller unmounts it)."""
+        cmd = [sys.executable, str(NULLFS), "--tree", str(tree), str(mountpoint)]
+        self.start_daemon("the tree FS", cmd, mountpoint)
+        self.fuse_mounts.append(mountpoint)
+
     def start_xmount(self, image: Path, mountpoint: Path) -> Path:
         mountpoint.mkdir(parents=True, exist_ok=True)
         run(["xmount", "--in", "raw", str(image), "--out", "vhd", str(mountpoint)])
@@ -729,6 +742,23 @@ def sha256sum_mbps(path: Path, expected: str, *, cached: bool = False) -> float:
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     say(f"  sha256sum of {path.name}: {cpu:.2f} s of CPU in {seconds:.2f} s")
     return path.stat().st_size / seconds / MB
+
+
+def capture_tree(root: Path) -> list[list[object]]:
+    """Every entry under ``root`` (itself first): relative path, mode, size,
+    mtime and link target, for contrib/bench_nullfs.py --tree."""
+    entries: list[list[object]] = []
+    for top, dirs, files in os.walk(root):
+        if top == str(root):
+            st = os.lstat(top)
+            entries.append(["", st.st_mode, st.st_size, st.st_mtime_ns, None])
+        for name in sorted(dirs + files):
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            relative = os.path.relpath(path, root)
+            entries.append([relative, st.st_mode, st.st_size, st.st_mtime_ns, target])
+    return entries
 
 
 def parallel_dd_mbps(paths: list[Path]) -> float:
@@ -1007,6 +1037,8 @@ class Bench:
             say("  qemu-img compare: full.vhd and full.qcow2 hold disk.raw")
 
         self.small_sr = self.work / "sr-1000"
+        self.tree_json = self.work / "tree-1000.json"  # its tree's shape, for the floor
+        self.tree_mounts = itertools.count(1)
         self.build_small_vdis()
         self.start_peers()
 
@@ -1025,6 +1057,13 @@ class Bench:
             sr.create_vdi(f"vdi-{n:04d}", SMALL_VDI_SIZE)
         sr.close()
         say(f"created {SMALL_VDIS} VDIs in {time.perf_counter() - start:.1f} s")
+        # The floor under ls -lR: the same tree's shape, served by pyfuse3 from dicts.
+        mount = self.res.mount_vdifs(self.small_sr, self.work / "mnt-1000")
+        try:
+            tree = capture_tree(mount.mountpoint)
+        finally:
+            self.res.unmount_vdifs(mount)
+        self.tree_json.write_text(json.dumps(tree))
 
     def start_serve(self) -> None:
         """``vdifs serve`` over HTTPS on the same SR, beside the mount: S2's full.vhd
@@ -1201,7 +1240,9 @@ class Bench:
                        partial(random_read_iops, f["raw"], self.size))
             + self.peer(qsd, "qsd_rand", f"qemu-storage-daemon raw random {kib} reads", "IOPS",
                         lambda: random_read_iops(self.qsd_raw, self.size)),
-            self.probe("ls", f"vdifs ls -lR of a fresh mount, {SMALL_VDIS} VDIs", "s", self.ls_lr),
+            self.probe("ls", f"vdifs ls -lR of a fresh mount, {SMALL_VDIS} VDIs", "s", self.ls_lr)
+            + self.probe("ls_floor", "ls -lR of the same tree from dicts (pyfuse3 alone)", "s",
+                         self.ls_lr_floor),
             self.import_group(self.vhd_copy, "vhd", "VHD", "vpc", out),
             self.import_group(self.qcow2_copy, "qcow2", "qcow2", "qcow2", out),
         ]  # fmt: skip
@@ -1251,6 +1292,21 @@ class Bench:
             self.rss.setdefault("ls", []).append(vm_hwm_mib(mount.pid))
         finally:
             self.res.unmount_vdifs(mount)
+        return seconds
+
+    def ls_lr_floor(self) -> float:
+        """``ls -lR`` of a fresh contrib/bench_nullfs.py --tree mount of the same tree."""
+        mountpoint = self.work / f"treefs-{next(self.tree_mounts)}"
+        mountpoint.mkdir()
+        self.res.start_treefs(self.tree_json, mountpoint)
+        try:
+            start = time.perf_counter()
+            out = run(["ls", "-lR", str(mountpoint)])
+            seconds = time.perf_counter() - start
+            if out.count("raw.img") != SMALL_VDIS:
+                raise RuntimeError(f"ls -lR of the tree listed {out.count('raw.img')} raw.img")
+        finally:
+            run(["fusermount3", "-u", str(mountpoint)])  # the daemon then ends by itself
         return seconds
 
     def cp_import(self, source: Path, fmt: str) -> float:
@@ -1360,6 +1416,8 @@ class Bench:
             "rand_vs_qsd": self.ratio("rand", "qsd_rand"),
             "rss_mib": max(max(v) for k, v in self.rss.items() if not k.startswith("pool")),
             "ls_lr_1000_s": list(self.probes["ls"].values),
+            "ls_lr_floor_s": list(self.probes["ls_floor"].values),
+            "ls_lr_vs_floor": self.ratio("ls", "ls_floor"),
         }
 
     def report(self) -> None:

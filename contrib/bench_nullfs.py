@@ -1,28 +1,40 @@
-"""A null file system: pyfuse3's write path alone, for contrib/bench.py.
+"""pyfuse3 alone, for contrib/bench.py: the floors under vdifs' import and listing.
 
 ::
 
     .venv/bin/python contrib/bench_nullfs.py MOUNTPOINT
+    .venv/bin/python contrib/bench_nullfs.py --tree TREE.json MOUNTPOINT
 
 Serves MOUNTPOINT in the foreground until it is unmounted (``fusermount3 -u``)
 or sent SIGTERM, SIGINT or SIGHUP, and prints nothing unless something fails.
-Its root directory accepts a file of any name (create, open for writing,
-truncation, flush, fsync, release) and discards every write after counting
-its bytes: a file's size is the count of the bytes written to it since it
-was created or truncated, and reading it returns nothing.
 
-It is mounted and run as vdifs mounts an SR: the same FUSE options
+Without ``--tree`` it is a null file system: its root directory accepts a
+file of any name (create, open for writing, truncation, flush, fsync,
+release) and discards every write after counting its bytes: a file's size is
+the count of the bytes written to it since it was created or truncated, and
+reading it returns nothing.  So ``cp`` of an image into it costs what vdifs'
+``import/`` costs in FUSE and pyfuse3 before vdifs parses, hashes or stores
+anything: the floor under the import ratios.
+
+With ``--tree`` it serves, read-only, the shape of a tree captured from a
+vdifs mount (``TREE.json``: ``[path, mode, size, mtime_ns, link target]`` per
+entry, the root first): every attribute built once, directories listed from
+lists, links from a dict.  ``ls -lR`` of it sends the requests ``ls -lR`` of
+that vdifs mount sends (OPENDIR, READDIRPLUS, RELEASEDIR, READLINK), answered
+with no work: the floor under ``ls_lr_1000_s``.  Entries are listed by inode
+and continue at "the next inode", as vdifs lists them, with vdifs' one-second
+timeouts for a live VDI's files.
+
+Both are mounted and run as vdifs mounts an SR: the same FUSE options
 (``BASE_OPTIONS``), the same ``pyfuse3.main`` task limits, no writeback
 cache, an upload's FileInfo flags and vdifs' st_blksize (cp's buffer size).
-So ``cp`` of an image into it costs what vdifs' ``import/`` costs in FUSE
-and pyfuse3 before vdifs parses, hashes or stores anything: the floor under
-the import ratios (docs/performance.md, "Import: the floor").
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import json
 import os
 import signal
 import stat
@@ -132,6 +144,71 @@ class NullOperations(pyfuse3.Operations):
         del self.handles[fh]
 
 
+class TreeOperations(pyfuse3.Operations):
+    """A captured tree's shape, served from dicts (see the module docstring)."""
+
+    TIMEOUT = 1.0  # vdifs' MUTABLE_TIMEOUT: the listing's VDIs are live
+
+    def __init__(self, entries: list[list[object]]) -> None:
+        super().__init__()
+        uid, gid = os.geteuid(), os.getegid()
+        inodes: dict[str, int] = {}
+        self.attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self.listings: dict[int, list[tuple[int, bytes]]] = {}
+        self.names: dict[int, dict[bytes, int]] = {}
+        self.targets: dict[int, bytes] = {}
+        for number, (path, mode, size, mtime_ns, target) in enumerate(entries):
+            assert isinstance(path, str) and isinstance(mode, int) and isinstance(size, int)
+            assert isinstance(mtime_ns, int)
+            inode = inodes[path] = pyfuse3.ROOT_INODE + number
+            attr = pyfuse3.EntryAttributes()
+            attr.st_ino, attr.st_mode, attr.st_size = inode, mode, size
+            attr.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+            attr.st_uid, attr.st_gid, attr.st_blksize = uid, gid, BLKSIZE
+            attr.st_blocks = -(-size // 512)
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime_ns
+            attr.attr_timeout = attr.entry_timeout = self.TIMEOUT
+            self.attrs[inode] = attr
+            if stat.S_ISDIR(mode):
+                self.listings[inode], self.names[inode] = [], {}
+            if isinstance(target, str):
+                self.targets[inode] = os.fsencode(target)
+            if path:
+                parent = inodes[path.rpartition("/")[0]]
+                name = os.fsencode(path.rpartition("/")[2])
+                self.listings[parent].append((inode, name))
+                self.names[parent][name] = inode
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self.attrs[parent_inode]
+        try:
+            return self.attrs[self.names[parent_inode][name]]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.attrs[inode]
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for inode, name in self.listings[fh]:
+            if inode >= start_id and not pyfuse3.readdir_reply(
+                token, name, self.attrs[inode], inode + 1
+            ):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.targets[inode]
+
+
 async def serve() -> bool:
     """Serve until unmounted (False) or signalled (True: the mount is still there)."""
     async with trio.open_nursery() as nursery:
@@ -151,10 +228,16 @@ async def serve() -> bool:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print(f"usage: {sys.argv[0]} MOUNTPOINT", file=sys.stderr)
+    args = sys.argv[1:]
+    ops: pyfuse3.Operations = NullOperations()
+    if len(args) == 3 and args[0] == "--tree":
+        with open(args[1]) as f:
+            ops = TreeOperations(json.load(f))
+        args = args[2:]
+    if len(args) != 1:
+        print(f"usage: {sys.argv[0]} [--tree TREE.json] MOUNTPOINT", file=sys.stderr)
         return 2
-    pyfuse3.init(NullOperations(), sys.argv[1], set(BASE_OPTIONS))
+    pyfuse3.init(ops, args[0], set(BASE_OPTIONS))
     signalled = False
     try:
         signalled = trio.run(serve)
