@@ -31,6 +31,7 @@ import stat
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from vdifs.errors import (
     VdifsError,
     WrongBase,
 )
-from vdifs.exports import IMAGE_FORMATS, Export
+from vdifs.exports import IMAGE_FORMATS, Buffer, Export
 from vdifs.fs.nodes import (
     VDIS,
     ChecksumsFile,
@@ -66,7 +67,7 @@ from vdifs.fs.nodes import (
 from vdifs.fs.tree import Tree
 from vdifs.http_ranges import Unsatisfiable, http_date, if_range_holds, parse_range
 from vdifs.imports.engine import import_file
-from vdifs.limits import APPLIES, READS
+from vdifs.limits import APPLIES, READS, nonblocking
 from vdifs.serve_auth import Credentials
 from vdifs.storage.backend import Backend
 
@@ -335,7 +336,7 @@ class Server:
                 offset = first
                 while offset <= last:
                     length = min(PIECE, last + 1 - offset)
-                    data = await _read(export, offset, length)
+                    data = await nonblocking(partial(_piece, export, offset, length))
                     # Passthrough: h11 frames the piece without copying it.
                     event = h11.Data(data=data)  # type: ignore[arg-type]
                     for piece in conn.send_with_data_passthrough(event) or ():
@@ -415,13 +416,8 @@ class Server:
                 raise InvalidArgument("the body is longer than its Content-Length")
 
 
-async def _read(export: Export, offset: int, length: int) -> bytearray:
-    from vdifs.storage.backend import WouldBlock
-
-    try:
-        return export.read(offset, length, nowait=True)
-    except WouldBlock:
-        return await trio.to_thread.run_sync(export.read, offset, length, limiter=READS)
+def _piece(export: Export, offset: int, length: int, nowait: bool) -> Buffer:
+    return export.read_shared(offset, length, nowait=nowait)
 
 
 def _content_type(fmt: str) -> str:

@@ -47,10 +47,10 @@ from vdifs.fs.tree import SnapshotFolder, Tree
 from vdifs.fs.window import Windows
 from vdifs.imports.directory import ImportDirectory
 from vdifs.imports.uploads import Upload
-from vdifs.limits import APPLIES, READS
+from vdifs.limits import APPLIES, READS, nonblocking
 from vdifs.livedisk import DIRTY_LIMIT, Fetched, LiveDisk, NeedsFetch
 from vdifs.model import ceil_div
-from vdifs.storage.backend import Pin, WouldBlock
+from vdifs.storage.backend import Pin
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,6 @@ def _errors(
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-async def nonblocking(fn: Callable[[bool], T]) -> T:
-    """Run ``fn(nowait=True)`` on the loop; if it would block, ``fn(False)`` in a thread."""
-    try:
-        return fn(True)
-    except WouldBlock:
-        return await trio.to_thread.run_sync(fn, False, limiter=READS)
 
 
 async def on_live_disk(call: Callable[[Fetched | None], T]) -> T:
