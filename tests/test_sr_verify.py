@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FUSE_MISSING, Cli, Mount, fill, pread, wait_for
+from tests.conftest import Cli, Mount, fill, needs_fuse, pread, wait_for
 from vdifs.errors import StorageError
 from vdifs.model import CHUNK_SIZE, CHUNKS_PER_BLOCK
 from vdifs.storage.backend import WouldBlock
@@ -326,7 +326,7 @@ def read_fails_with_eio(path: Path, offset: int, length: int) -> None:
     assert failure.value.errno == errno.EIO
 
 
-@pytest.mark.skipif(FUSE_MISSING is not None, reason=FUSE_MISSING or "")
+@needs_fuse
 def test_reads_of_a_damaged_chunk_fail_with_eio_through_the_mount(
     cli: Cli, sr_path: Path, mount_factory: Any, tmp_path: Path
 ) -> None:
@@ -385,7 +385,7 @@ def test_reads_of_a_damaged_chunk_fail_with_eio_through_the_mount(
     assert {use["uuid"] for use in damaged["used_by"]} == {vdi, snap}
 
 
-@pytest.mark.skipif(FUSE_MISSING is not None, reason=FUSE_MISSING or "")
+@needs_fuse
 def test_a_clean_disk_reads_through_the_mount_after_verify(
     cli: Cli, sr_path: Path, mnt: Mount, tmp_path: Path
 ) -> None:
