@@ -40,6 +40,22 @@ CREATE TABLE IF NOT EXISTS imports(
 """
 
 
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on ``db``: all of it commits, or none of it.  A nested
+    use joins the outer transaction (a VM snapshot is several VDI snapshots)."""
+    if db.in_transaction:
+        yield db
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class Store(Protocol):
     """Where the table lives: a connection for this thread, and write transactions."""
 
@@ -184,13 +200,5 @@ class ImportJournal:
             self._local.conn = conn
         return conn
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self.db)

@@ -47,7 +47,7 @@ from vdifs.errors import (
 from vdifs.model import CHUNK_SIZE, CHUNKS_PER_BLOCK, VdiRecord, check_name, utc_iso
 from vdifs.storage import digests
 from vdifs.storage.backend import Capabilities, ContentMap, WouldBlock, deletion_order
-from vdifs.storage.importlog import IMPORTS_TABLE, SqliteImportLog
+from vdifs.storage.importlog import IMPORTS_TABLE, SqliteImportLog, write_transaction
 from vdifs.storage.local.blockmap import BlockMap
 from vdifs.storage.local.layout import (
     _LATE_INDEXES,
@@ -294,18 +294,10 @@ class LocalSR:
         Nested uses join the outer transaction (a VM snapshot is several VDI
         snapshots committed together).
         """
-        db = self.db
-        if db.in_transaction:
+        outer = not self.db.in_transaction
+        with write_transaction(self.db) as db:
             yield db
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            db.execute("COMMIT")
+        if outer:
             self._commits += 1
 
     def data_version(self) -> int:
