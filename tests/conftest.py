@@ -57,15 +57,19 @@ class Cli:
     def __init__(self, sr: Path) -> None:
         self.sr = sr
 
-    def run(
-        self, *args: str, check: bool = True, input: bytes | None = None
-    ) -> subprocess.CompletedProcess[str]:
+    def invocation(self) -> tuple[list[str], dict[str, str] | None]:
+        """The global options before the command, and its environment (None: ours)."""
+        return ["--sr", str(self.sr)], None
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        options, env = self.invocation()
         result = subprocess.run(
-            [sys.executable, "-m", "vdifs", "--sr", str(self.sr), *args],
+            [sys.executable, "-m", "vdifs", *options, *args],
             capture_output=True,
             text=True,
             check=False,
             timeout=300,
+            env=env,
         )
         if check and result.returncode != 0:
             raise AssertionError(

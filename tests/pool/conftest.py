@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import ssl
 import subprocess
-import sys
 import time
 import xmlrpc.client
 from collections.abc import Iterator
@@ -16,9 +15,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.conftest import Cli
 from tests.pool.fakepool import PoolInfo, running_pool
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +30,7 @@ def address(pool: PoolInfo, sr: str | None = None) -> str:
     return f"xapi://{pool.user}@127.0.0.1:{port}" + (f"/?sr={sr}" if sr else "")
 
 
-class PoolCli:
+class PoolCli(Cli):
     """The real ``vdifs`` command against the fake pool."""
 
     def __init__(
@@ -50,7 +48,7 @@ class PoolCli:
         self.ca = Path(pool.ca) if ca is None else ca
         self.password_file = password_file
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def invocation(self) -> tuple[list[str], dict[str, str] | None]:
         env = {k: v for k, v in os.environ.items() if k != "VDIFS_XAPI_PASSWORD"}
         env["XDG_CACHE_HOME"] = str(Path(self.pool.state_dir) / "cache")  # logs, scratch
         env["XDG_STATE_HOME"] = str(Path(self.pool.state_dir) / "state")  # the import journal
@@ -59,23 +57,7 @@ class PoolCli:
             options += ["--password-file", str(self.password_file)]
         else:
             env["VDIFS_XAPI_PASSWORD"] = self.password
-        result = subprocess.run(
-            [sys.executable, "-m", "vdifs", *options, *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=300,
-            env=env,
-            cwd=ROOT,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"vdifs {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}"
-            )
-        return result
-
-    def __call__(self, *args: str) -> str:
-        return self.run(*args).stdout.strip()
+        return options, env
 
 
 @pytest.fixture
